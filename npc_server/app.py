@@ -1,0 +1,86 @@
+"""The app factory. The lifespan opens the store, loads personas and then loads and warms the models in
+the background, so /healthz answers at once and /readyz turns 200 when everything is warm."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from npc_server import __version__
+from npc_server.api import errors, health, npcs, sessions, turns
+from npc_server.api.middleware import BodyLimit
+from npc_server.dialogue.service import TurnService
+from npc_server.llm.engine import Engine, EngineRunner
+from npc_server.personas.loader import load_personas
+from npc_server.settings import Settings
+from npc_server.state import AppState
+from npc_server.store.sqlite import Store
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[Settings], Engine]
+
+
+def load_engine(settings: Settings) -> Engine:
+    """The configured local model, loaded and warmed (blocking: runs in a worker thread)."""
+    import torch
+
+    from npc_server.llm.local import LocalEngine
+    from npc_server.llm.weights import resolve_model
+
+    torch.set_num_threads(settings.llm_threads)
+    folder = resolve_model(settings.model, settings.resolved_cache_dir)
+    engine = LocalEngine(folder, dtype=settings.dtype, context_tokens=settings.context_tokens)
+    engine.warm()
+    return engine
+
+
+def create_app(settings: Settings | None = None, *, engine_factory: EngineFactory = load_engine) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        personas, problems = load_personas(settings.personas_dir)
+        for problem in problems:
+            log.warning("persona not loaded: %s", problem)
+        log.info("loaded %d personas from %s", len(personas), settings.personas_dir)
+        store = Store(settings.database_path)
+        state = AppState(settings=settings, personas=personas, persona_errors=problems, store=store)
+        app.state.npc = state
+
+        async def load() -> None:
+            started = time.perf_counter()
+            try:
+                engine = await asyncio.to_thread(engine_factory, settings)
+            except Exception:
+                log.exception("model loading failed; the server stays unready")
+                return
+            state.startup_ms["llm_ms"] = round((time.perf_counter() - started) * 1000, 1)
+            state.service = TurnService(personas, EngineRunner(engine), store, settings)
+            log.info("ready in %.1f s (model %s)", time.perf_counter() - started, engine.name)
+
+        loading = asyncio.create_task(load())
+        try:
+            yield
+        finally:
+            loading.cancel()
+            if state.service is not None:
+                state.service.runner.close()
+            store.close()
+
+    app = FastAPI(
+        title="npc-server",
+        version=__version__,
+        summary="In-character NPC dialogue that sees, hears and reads the player.",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    for module in (health, npcs, turns, sessions):
+        app.include_router(module.router)
+    return app

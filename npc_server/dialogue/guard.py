@@ -1,0 +1,147 @@
+"""Keeps replies in character: whole sentences only, no speaker labels, no speaking for the player,
+no claims to be a language model, no anachronisms, no leaked special tokens.
+
+`ReplyFilter` is fed the model's text as it streams and releases whole, checked sentences. It tells
+the caller to stop as soon as the reply is complete (sentence limit reached, the model starts writing
+the player's lines) or broken (a character break), so no time is spent decoding text nobody will see.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from npc_server.personas.schema import Persona
+
+SPECIAL_TOKEN = re.compile(r"<\|[^|>]{1,40}\|>|</?s>|\[/?INST\]|<unk>|<pad>|<eos>|<bos>")
+# The model starting a new line as someone else: "Player:", "User:", "You:", "Traveller:", "### ...".
+OTHER_SPEAKER = re.compile(
+    r"(?:^|\n|(?<=[.!?…] ))\s*(?:#+\s|\[?(?:user|player|you|human|traveller|traveler|stranger)\]?\s*:)", re.I
+)
+LABEL = re.compile(r"^\s*\**\[?([A-Z][\w' .-]{0,40}?)\]?\**\s*:\s*")
+SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]*]*(?=\s)")
+ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "mt", "sr", "jr", "no", "vs", "etc", "capt", "lt", "sgt", "prof"}
+MODEL_CLAIMS = re.compile(
+    r"\b(?:(?:large )?language model|LLM|chat ?bot|chatgpt|openai|(?:an?|your|the) (?:AI |virtual )?assistant|"
+    r"as an? AI|I(?:'m| am) (?:just )?an? (?:AI|artificial intelligence)|trained on|my (?:training|programming)|"
+    r"how (?:can|may) I (?:assist|help) you today)\b",
+    re.I,
+)
+AI_WORDS = re.compile(r"\b(?:AI|artificial intelligence|machine learning|neural network)\b")
+
+
+def character_breaks(text: str, persona: Persona, player_text: str = "") -> list[str]:
+    """Reasons this text breaks character; empty when it is fine.
+
+    A persona's forbidden word is allowed when the player said it first (the NPC may echo a word it does
+    not understand), but a machine persona is the only one allowed to talk about AI.
+    """
+    reasons: list[str] = []
+    if SPECIAL_TOKEN.search(text):
+        reasons.append("special token")
+    if MODEL_CLAIMS.search(text):
+        reasons.append("language-model claim")
+    if not persona.is_machine and AI_WORDS.search(text):
+        reasons.append("AI claim")
+    said = player_text.lower()
+    for word in persona.cannot_know:
+        if word.lower() not in said and re.search(rf"\b{re.escape(word)}\b", text, re.I):
+            reasons.append(f"anachronism: {word}")
+    return reasons
+
+
+def strip_label(text: str, persona: Persona) -> str:
+    """Drop a leading speaker label such as "Brokk:" or "NPC:"."""
+    match = LABEL.match(text)
+    if match:
+        label = match.group(1).strip().lower()
+        names = {persona.name.lower(), persona.name.split()[0].lower(), persona.id, "npc", "assistant", "answer"}
+        if label in names or len(label.split()) <= 3:
+            return text[match.end() :]
+    return text
+
+
+@dataclass
+class ReplyFilter:
+    """Streams whole, checked sentences out of raw model text."""
+
+    persona: Persona
+    player_text: str = ""
+    sentences: list[str] = field(default_factory=list)
+    broken: list[str] = field(default_factory=list)  # character-break reasons, if any
+    done: bool = False
+    _raw: str = ""
+    _used: int = 0  # characters of the cleaned text already turned into sentences
+
+    def feed(self, delta: str) -> list[str]:
+        """Add model text; return the sentences it completed. Sets `done` when no more are wanted."""
+        if self.done:
+            return []
+        self._raw += delta
+        return self._release(final=False, complete=False)
+
+    def finish(self, *, complete: bool) -> list[str]:
+        """The model stopped. If it ended its turn (`complete`), unpunctuated last words still count as a
+        sentence; if it ran out of tokens, they are an unfinished sentence and are dropped."""
+        if self.done:
+            return []
+        out = self._release(final=True, complete=complete)
+        self.done = True
+        return out
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.sentences)
+
+    def _cleaned(self) -> tuple[str, bool]:
+        text = strip_label(self._raw.lstrip(), self.persona)
+        # A special token or another speaker's label means the model has moved past its own turn.
+        cuts = [m.start() for m in (SPECIAL_TOKEN.search(text), OTHER_SPEAKER.search(text)) if m]
+        if cuts:
+            return text[: min(cuts)], True
+        return text, False
+
+    def _release(self, *, final: bool, complete: bool) -> list[str]:
+        text, cut = self._cleaned()
+        # Only the current paragraph counts: a blank line usually starts narration or a new speaker.
+        paragraph_end = text.find("\n\n", self._used)
+        if paragraph_end >= 0:
+            text, cut = text[:paragraph_end], True
+        if cut or (final and complete):  # the turn is over: its last words form a sentence
+            text = text.rstrip(" \t\n,;:-")
+            if text[self._used :].strip() and not SENTENCE_END.search(text[self._used :] + " "):
+                text += "."
+        out: list[str] = []
+        limits = self.persona.reply
+        for match in SENTENCE_END.finditer(text + (" " if final or cut else ""), self._used):
+            end = match.end()
+            word = re.findall(r"(\w+)\W*$", text[self._used : match.start() + 1])
+            if text[match.start()] == "." and word and word[0].lower() in ABBREVIATIONS:
+                continue
+            after = text[end:].lstrip()[:1]
+            if not after and not (final or cut):
+                break  # wait for the next word: "Well... maybe" goes on as one sentence
+            if after.islower():
+                continue
+            sentence = " ".join(text[self._used : end].split())
+            self._used = end
+            if not sentence:
+                continue
+            reasons = character_breaks(sentence, self.persona, self.player_text)
+            if reasons:
+                self.broken = reasons
+                self.done = True
+                return out
+            if len(self.text) + len(sentence) + 1 > limits.max_chars:
+                if not self.sentences:
+                    self.broken = ["too long"]
+                self.done = True
+                return out
+            self.sentences.append(sentence)
+            out.append(sentence)
+            if len(self.sentences) >= limits.max_sentences:
+                self.done = True
+                return out
+        if cut:
+            self.done = True
+        return out

@@ -1,0 +1,154 @@
+"""A local Hugging Face causal LM run with torch, with its own decode loop (streaming, stop, cancel)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from npc_server.llm.engine import GenerationStats, Message, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class LocalEngine:
+    """Greedy or sampled decoding over a transformers model with a KV cache, one request at a time."""
+
+    def __init__(self, folder: Path, *, dtype: str = "auto", context_tokens: int = 2048) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if dtype == "auto":
+            dtype = "bfloat16" if cpu_has_bf16() else "float32"
+        self.dtype = getattr(torch, dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=self.dtype).eval()
+        self.name = folder.name
+        config_window = int(getattr(self.model.config, "max_position_embeddings", context_tokens))
+        self.context_tokens = min(context_tokens, config_window)
+        self._stop_ids = self._end_of_turn_ids()
+
+    def _end_of_turn_ids(self) -> set[int]:
+        ids: set[int] = set()
+        eos = self.model.generation_config.eos_token_id
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif eos:
+            ids.update(eos)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+            token_id = self.tokenizer.convert_tokens_to_ids(token)
+            if isinstance(token_id, int) and token_id != self.tokenizer.unk_token_id:
+                ids.add(token_id)
+        return ids
+
+    def encode(self, messages: list[Message]) -> list[int]:
+        """Token ids of the conversation in the model's own chat template, ready for the reply."""
+        chat = [{"role": m.role, "content": m.content} for m in messages]
+        ids: Any = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):  # some versions return a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+
+    def count_tokens(self, messages: list[Message]) -> int:
+        return len(self.encode(messages))
+
+    def warm(self) -> None:
+        stats = GenerationStats()
+        params = SamplingParams(temperature=0.0, max_new_tokens=4)
+        for _ in self.generate([Message("user", "Hello.")], params, stats, threading.Event()):
+            pass
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        messages: list[Message],
+        params: SamplingParams,
+        stats: GenerationStats,
+        cancel: threading.Event,
+    ) -> Iterator[str]:
+        started = time.perf_counter()
+        prompt = self.encode(messages)
+        budget = self.context_tokens - len(prompt)
+        if budget <= 0:
+            raise ValueError("prompt does not fit the context window")
+        max_new = min(params.max_new_tokens, budget)
+        stats.prompt_tokens = len(prompt)
+        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+
+        input_ids = torch.tensor([prompt])
+        seen = torch.tensor(prompt)
+        past = None
+        generated: list[int] = []
+        text = ""
+        stats.finish_reason = "length"
+        for step in range(max_new):
+            if cancel.is_set():
+                stats.finish_reason = "cancelled"
+                return
+            out = self.model(input_ids=input_ids, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits = out.logits[0, -1].float()
+            token = _sample(logits, seen, params, generator)
+            if step == 0:
+                stats.first_token_ms = (time.perf_counter() - started) * 1000
+            if token in self._stop_ids:
+                stats.finish_reason = "stop"
+                return
+            generated.append(token)
+            stats.completion_tokens = len(generated)
+            seen = torch.cat([seen, torch.tensor([token])])
+            input_ids = torch.tensor([[token]])
+            full = str(self.tokenizer.decode(generated, skip_special_tokens=False))
+            if full.endswith("\ufffd"):  # an unfinished multi-byte character: wait for the next token
+                continue
+            delta, text = full[len(text) :], full
+            hit = _first_stop(text, params.stop)
+            if hit is not None:
+                keep = hit - (len(text) - len(delta))
+                if keep > 0:
+                    yield delta[:keep]
+                stats.finish_reason = "stop"
+                return
+            if delta:
+                yield delta
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _sample(
+    logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> int:
+    """One token from the logits: repetition penalty, then greedy or temperature/top-k/top-p sampling."""
+    if params.repetition_penalty != 1.0:
+        prev = logits[seen]
+        logits[seen] = torch.where(prev > 0, prev / params.repetition_penalty, prev * params.repetition_penalty)
+    if params.temperature <= 0.0:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
+        logits[logits < kth] = float("-inf")
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        sorted_probs[(cumulative - sorted_probs) > params.top_p] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))

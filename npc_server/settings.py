@@ -1,0 +1,58 @@
+"""One settings object. Every value comes from an `NPC_`-prefixed environment variable or a CLI flag."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+DEFAULT_PERSONAS = PACKAGE_ROOT.parent / "personas"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NPC_", env_file=None, extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    data_dir: Path = Path("data")  # the SQLite database lives here
+    cache_dir: Path | None = None  # converted model weights; default: <data_dir>/cache
+    personas_dir: Path = DEFAULT_PERSONAS
+
+    # "smollm2" (the embedded default), a local Hugging Face model folder, or a .gguf file.
+    model: str = "smollm2"
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    llm_threads: int = Field(2, ge=1, le=64)
+    context_tokens: int = Field(2048, ge=256, le=131072)  # prompt + reply budget
+    # Sampling defaults; a persona's `generation` block overrides them.
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    top_k: int = Field(40, ge=0, le=1000)
+    repetition_penalty: float = Field(1.15, ge=1.0, le=2.0)
+    max_new_tokens: int = Field(80, ge=8, le=512)
+    seed: int | None = None  # fixed seed makes sampling repeatable (tests, evaluation)
+
+    # Request limits.
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_text_chars: int = Field(2000, ge=1, le=20000)
+
+    perception: bool = True  # load face, voice and text models
+
+    @field_validator("personas_dir")
+    @classmethod
+    def _personas_dir_exists(cls, value: Path) -> Path:
+        if not value.is_dir():
+            raise ValueError(f"NPC_PERSONAS_DIR is not a directory: {value}")
+        return value
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else self.data_dir / "cache"
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "npc.sqlite3"

@@ -1,0 +1,87 @@
+"""The reply filter: whole sentences, labels stripped, no speaking for the player, character breaks."""
+
+from __future__ import annotations
+
+import pytest
+
+from npc_server.dialogue.guard import ReplyFilter, character_breaks
+from npc_server.personas.loader import load_persona_file
+from npc_server.settings import DEFAULT_PERSONAS
+
+BROKK = load_persona_file(DEFAULT_PERSONAS / "brokk.yaml")
+HALCYON = load_persona_file(DEFAULT_PERSONAS / "halcyon.yaml")
+
+
+def run(raw: str, persona=BROKK, player: str = "hello", complete: bool = True) -> ReplyFilter:
+    reply = ReplyFilter(persona, player)
+    for char in raw:  # worst case: one character per delta
+        reply.feed(char)
+    reply.finish(complete=complete)
+    return reply
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Brokk Ironmantle: Aye, lad. It needs work.", ["Aye, lad.", "It needs work."]),
+        ("Aye. Mr. Balin taught me that.", ["Aye.", "Mr. Balin taught me that."]),
+        ("Well... maybe. Come back tomorrow.", ["Well... maybe.", "Come back tomorrow."]),
+        ("Aye, lad. Player: Thanks, Brokk! Brokk: Anytime.", ["Aye, lad."]),
+        ("Aye, lad.\nUser: and the price?", ["Aye, lad."]),
+        ("Aye.\n\nThe blacksmith walks away, muttering.", ["Aye."]),
+        ("Aye, it's done<|im_start|>user", ["Aye, it's done."]),
+        ("Coin first", ["Coin first."]),
+    ],
+)
+def test_whole_sentences_without_labels_or_player_lines(raw: str, expected: list[str]) -> None:
+    assert run(raw).sentences == expected
+
+
+def test_unfinished_sentence_is_dropped_when_tokens_run_out() -> None:
+    assert run("Aye, lad. The blade will need", complete=False).sentences == ["Aye, lad."]
+
+
+def test_sentence_and_length_limits() -> None:
+    reply = run("One. Two. Three. Four. Five.")
+    assert reply.sentences == ["One.", "Two.", "Three."][: BROKK.reply.max_sentences]
+    assert len(reply.text) <= BROKK.reply.max_chars
+
+
+def test_stops_as_soon_as_the_reply_is_complete() -> None:
+    reply = ReplyFilter(BROKK, "hi")
+    for word in ["One.", "Two.", "Three.", "Four."]:
+        reply.feed(word + " ")
+        if reply.done:
+            break
+    assert reply.done and len(reply.sentences) == BROKK.reply.max_sentences
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "As an AI language model, I cannot help.",
+        "I am an AI.",
+        "I'm just a chatbot.",
+        "Let me check my computer for that.",
+        "How can I assist you today? I am your assistant.",
+    ],
+)
+def test_character_breaks_are_caught(text: str) -> None:
+    assert character_breaks(text, BROKK)
+    reply = run(text)
+    assert reply.broken and not reply.sentences
+
+
+def test_machine_persona_may_say_ai_but_not_language_model() -> None:
+    assert character_breaks("I am the ship's AI, and I do not blink.", HALCYON) == []
+    assert character_breaks("As a large language model, I cannot.", HALCYON)
+
+
+def test_echoing_the_players_word_is_not_an_anachronism() -> None:
+    assert character_breaks("A computer? Never heard of it.", BROKK, player_text="Do you have a computer?") == []
+    assert character_breaks("carry it carefully, the blade has begun to cool.", BROKK) == []
+
+
+def test_break_after_good_sentences_keeps_them() -> None:
+    reply = run("Aye, lad. As an AI I cannot say more.")
+    assert reply.sentences == ["Aye, lad."] and reply.broken
