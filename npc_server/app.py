@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 from fastapi import FastAPI
 
@@ -16,6 +17,7 @@ from npc_server.api import errors, health, npcs, sessions, turns
 from npc_server.api.middleware import BodyLimit
 from npc_server.dialogue.service import TurnService
 from npc_server.llm.engine import Engine, EngineRunner
+from npc_server.perception.service import Perception
 from npc_server.personas.loader import load_personas
 from npc_server.settings import Settings
 from npc_server.state import AppState
@@ -24,6 +26,7 @@ from npc_server.store.sqlite import Store
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[Settings], Engine]
+T = TypeVar("T")
 
 
 def load_engine(settings: Settings) -> Engine:
@@ -40,6 +43,13 @@ def load_engine(settings: Settings) -> Engine:
     return engine
 
 
+def load_perception(settings: Settings) -> Perception:
+    """Face, voice and text models, loaded and warmed (blocking: runs in a worker thread)."""
+    perception = Perception(settings)
+    perception.warm()
+    return perception
+
+
 def create_app(settings: Settings | None = None, *, engine_factory: EngineFactory = load_engine) -> FastAPI:
     settings = settings or Settings()
 
@@ -53,15 +63,25 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
         state = AppState(settings=settings, personas=personas, persona_errors=problems, store=store)
         app.state.npc = state
 
+        async def timed(name: str, fn: Callable[[Settings], T]) -> T:
+            started = time.perf_counter()
+            result = await asyncio.to_thread(fn, settings)
+            state.startup_ms[name] = round((time.perf_counter() - started) * 1000, 1)
+            return result
+
         async def load() -> None:
             started = time.perf_counter()
             try:
-                engine = await asyncio.to_thread(engine_factory, settings)
+                # One after the other: transformers changes torch's global default dtype while it loads a
+                # bf16 model, which would leak into models built on another thread at the same time.
+                engine = await timed("llm_ms", engine_factory)
+                perception = await timed("perception_ms", load_perception) if settings.perception else None
             except Exception:
                 log.exception("model loading failed; the server stays unready")
                 return
-            state.startup_ms["llm_ms"] = round((time.perf_counter() - started) * 1000, 1)
-            state.service = TurnService(personas, EngineRunner(engine), store, settings)
+            state.perception = perception
+            state.service = TurnService(personas, EngineRunner(engine), store, settings, perception)
+            state.startup_ms["ready_ms"] = round((time.perf_counter() - started) * 1000, 1)
             log.info("ready in %.1f s (model %s)", time.perf_counter() - started, engine.name)
 
         loading = asyncio.create_task(load())
@@ -71,6 +91,8 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
             loading.cancel()
             if state.service is not None:
                 state.service.runner.close()
+            if state.perception is not None:
+                state.perception.close()
             store.close()
 
     app = FastAPI(

@@ -40,7 +40,14 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_text_chars: int = Field(2000, ge=1, le=20000)
 
-    perception: bool = True  # load face, voice and text models
+    # Perception: face, voice and text models, and the limits on what a turn may upload.
+    perception: bool = True
+    perception_threads: int = Field(2, ge=1, le=32)
+    max_face_frames: int = Field(8, ge=1, le=64)
+    max_image_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)
+    max_audio_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_audio_seconds: float = Field(30.0, gt=0.5, le=600.0)
 
     @field_validator("personas_dir")
     @classmethod

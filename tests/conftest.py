@@ -57,7 +57,7 @@ def wait_ready(client: TestClient, timeout: float = 180.0) -> None:
 
 
 def make_settings(data_dir: Path, **overrides: object) -> Settings:
-    values: dict[str, object] = {"data_dir": data_dir, "cache_dir": MODEL_CACHE, "seed": 7}
+    values: dict[str, object] = {"data_dir": data_dir, "cache_dir": MODEL_CACHE, "seed": 7, "perception": False}
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
 
@@ -73,8 +73,9 @@ def scripted_client(tmp_path: Path) -> Iterator[tuple[TestClient, ScriptedEngine
 
 @pytest.fixture(scope="session")
 def real_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    """The whole server on the real embedded model (SmolLM2-135M), shared by the real-model tests."""
-    app = create_app(make_settings(tmp_path_factory.mktemp("real")), engine_factory=load_engine)
+    """The whole server on the real models (SmolLM2-135M, face, voice, text), shared by real-model tests."""
+    settings = make_settings(tmp_path_factory.mktemp("real"), perception=True)
+    app = create_app(settings, engine_factory=load_engine)
     with TestClient(app) as client:
         wait_ready(client)
         yield client

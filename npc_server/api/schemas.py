@@ -19,6 +19,16 @@ class TurnRequest(BaseModel):
     text: str = Field(min_length=1, max_length=20000, description="What the player says.")
 
 
+class TurnForm(BaseModel):
+    """The plain fields of a multipart turn; `face` and `voice` are file parts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    player_id: Ident
+    session_id: Ident | None = None
+    text: str | None = Field(None, min_length=1, max_length=20000)
+
+
 class Reply(BaseModel):
     text: str
     fallback: bool = Field(description="True when the model failed the character guard and a scripted line was used.")
@@ -31,10 +41,61 @@ class Usage(BaseModel):
     history_turns: int
 
 
+class FaceAffect(BaseModel):
+    found: bool
+    frames: int
+    frames_with_face: int
+    box: tuple[float, float, float, float] | None = Field(description="x, y, w, h as fractions of the frame")
+    expression: dict[str, float] = Field(description="probabilities over the 7 expressions")
+    top: str | None
+    valence: float
+    arousal: float
+    confidence: float
+
+
+class ProsodyView(BaseModel):
+    loudness_db: float
+    pitch_hz: float
+    pitch_range_semitones: float
+    speaking_rate_wps: float
+    pause_ratio: float
+    speech_seconds: float
+    duration_seconds: float
+
+
+class VoiceAffect(BaseModel):
+    speech_found: bool
+    transcript: str
+    transcript_confidence: float
+    prosody: ProsodyView
+    arousal: float
+    confidence: float
+
+
+class TextAffect(BaseModel):
+    source: str = Field(description="'typed' or 'transcript'")
+    emotion: dict[str, float]
+    top: str
+    sentiment: float
+    valence: float
+    arousal: float
+    confidence: float
+
+
+class PlayerAffect(BaseModel):
+    """What each modality perceived; a modality that was not sent is null."""
+
+    face: FaceAffect | None = None
+    voice: VoiceAffect | None = None
+    text: TextAffect | None = None
+
+
 class TurnResponse(BaseModel):
     session_id: str
     npc_id: str
+    player_text: str = Field(description="the player's line as the NPC heard it (typed text, or the transcript)")
     reply: Reply
+    player_affect: PlayerAffect | None = None
     usage: Usage
     timings_ms: dict[str, float]
 

@@ -12,6 +12,7 @@ from typing import Any
 from npc_server.dialogue.guard import ReplyFilter
 from npc_server.errors import NotFound, NpcError
 from npc_server.llm.engine import EngineRunner, GenerationStats, Message, SamplingParams
+from npc_server.perception.service import Perceived, Perception, Upload
 from npc_server.personas.prompt import Turn, build_messages
 from npc_server.personas.schema import Persona
 from npc_server.settings import Settings
@@ -21,12 +22,17 @@ STOP_STRINGS = ("<|im_start|>", "\nUser:", "\nPlayer:", "\nYou:")
 HISTORY_LIMIT = 64  # turns read from the store; the token budget trims further
 
 
+SILENCE = "..."  # the player's line when they sent only a clip with no speech in it
+
+
 @dataclass
 class TurnInput:
     npc_id: str
     player_id: str
-    text: str
+    text: str | None = None
     session_id: str | None = None
+    faces: list[Upload] = field(default_factory=list)
+    voice: Upload | None = None
 
 
 @dataclass
@@ -45,18 +51,45 @@ class TurnResult:
     regenerated: bool
     timings_ms: dict[str, float]
     usage: dict[str, int]
+    player_text: str
+    perceived: Perceived | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
 
 TurnEvent = ReplyDelta | TurnResult
 
 
+@dataclass
+class PreparedTurn:
+    persona: Persona
+    session_id: str
+    player_text: str
+    perceived: Perceived | None
+    messages: list[Message]
+    history_turns: int  # history turns that fit the prompt
+    history_len: int  # history turns stored
+    started: float
+    timings_ms: dict[str, float]
+
+
+def _ms(since: float) -> float:
+    return round((time.perf_counter() - since) * 1000, 1)
+
+
 class TurnService:
-    def __init__(self, personas: dict[str, Persona], runner: EngineRunner, store: Store, settings: Settings):
+    def __init__(
+        self,
+        personas: dict[str, Persona],
+        runner: EngineRunner,
+        store: Store,
+        settings: Settings,
+        perception: Perception | None = None,
+    ) -> None:
         self.personas = personas
         self.runner = runner
         self.store = store
         self.settings = settings
+        self.perception = perception
 
     def persona(self, npc_id: str) -> Persona:
         persona = self.personas.get(npc_id)
@@ -77,16 +110,24 @@ class TurnService:
             seed=seed if seed is not None else random.randrange(2**31),  # noqa: S311 (sampling, not secrets)
         )
 
-    async def run(self, turn: TurnInput) -> AsyncIterator[TurnEvent]:
+    async def prepare(self, turn: TurnInput) -> PreparedTurn:
+        """Everything before generation: perception, session, history and prompt.
+
+        Bad input fails here, before a transport starts streaming, so it can still answer with a 4xx.
+        """
         started = time.perf_counter()
-        timings: dict[str, float] = {}
-
-        def mark(name: str, since: float) -> float:
-            now = time.perf_counter()
-            timings[name] = round((now - since) * 1000, 1)
-            return now
-
         persona = self.persona(turn.npc_id)
+        timings: dict[str, float] = {}
+        perceived: Perceived | None = None
+        if self.perception is not None:
+            perceived = await self.perception.perceive(turn.text, turn.faces, turn.voice)
+            timings.update(perceived.timings_ms)
+        elif turn.faces or turn.voice:
+            raise NpcError("this server runs without perception (NPC_PERCEPTION=false)", code="perception_disabled")
+        transcript = perceived.voice.transcript if perceived and perceived.voice else ""
+        player_text = turn.text or transcript or SILENCE
+
+        t = time.perf_counter()
         try:
             session = await asyncio.to_thread(self.store.open_session, turn.player_id, turn.npc_id, turn.session_id)
         except SessionMismatch:
@@ -94,57 +135,74 @@ class TurnService:
                 "session_id belongs to another player or NPC", code="session_conflict", status=409
             ) from None
         stored = await asyncio.to_thread(self.store.turns, session.id, HISTORY_LIMIT)
-        history = [Turn(t.role, t.text) for t in stored]
-        t = mark("load_ms", started)
+        history = [Turn(row.role, row.text) for row in stored]
+        timings["load_ms"] = _ms(t)
 
+        t = time.perf_counter()
         engine = self.runner.engine
         budget = engine.context_tokens - self.sampling(persona, 0).max_new_tokens
         messages, kept = await asyncio.to_thread(
-            build_messages, persona, history, turn.text, count_tokens=engine.count_tokens, budget=budget
+            build_messages, persona, history, player_text, count_tokens=engine.count_tokens, budget=budget
         )
-        t = mark("prompt_ms", t)
+        timings["prompt_ms"] = _ms(t)
+        return PreparedTurn(
+            persona=persona,
+            session_id=session.id,
+            player_text=player_text,
+            perceived=perceived,
+            messages=messages,
+            history_turns=kept,
+            history_len=len(history),
+            started=started,
+            timings_ms=timings,
+        )
 
-        reply: ReplyFilter | None = None
-        usage = {"prompt_tokens": 0, "completion_tokens": 0, "history_turns": kept}
-        first_sentence: float | None = None
+    async def respond(self, turn: PreparedTurn) -> AsyncIterator[TurnEvent]:
+        """Generate, guard and store the reply: sentence deltas, then the result."""
+        persona, timings = turn.persona, turn.timings_ms
+        t = time.perf_counter()
+        reply = ReplyFilter(persona, turn.player_text)
+        usage = {"prompt_tokens": 0, "completion_tokens": 0, "history_turns": turn.history_turns}
         attempts = 0
-        for attempt in range(2):
-            attempts += 1
-            reply = ReplyFilter(persona, turn.text)
+        while attempts < 2 and not reply.sentences:
+            reply = ReplyFilter(persona, turn.player_text)
             stats = GenerationStats()
-            async for sentence in self._sentences(messages, self.sampling(persona, attempt), reply, stats):
-                if first_sentence is None:
-                    first_sentence = time.perf_counter()
-                    timings["first_sentence_ms"] = round((first_sentence - started) * 1000, 1)
+            async for sentence in self._sentences(turn.messages, self.sampling(persona, attempts), reply, stats):
+                timings.setdefault("first_sentence_ms", _ms(turn.started))
                 yield ReplyDelta(sentence if reply.sentences[0] == sentence else " " + sentence)
+            attempts += 1
             usage["prompt_tokens"] += stats.prompt_tokens
             usage["completion_tokens"] += stats.completion_tokens
             timings.setdefault("first_token_ms", round(stats.first_token_ms, 1))
-            if reply.sentences:
-                break
-        assert reply is not None
-        t = mark("generation_ms", t)
+        timings["generation_ms"] = _ms(t)
 
         fallback = not reply.sentences
         text = reply.text
         if fallback:
-            text = persona.fallback_lines[len(history) // 2 % len(persona.fallback_lines)]
+            text = persona.fallback_lines[turn.history_len // 2 % len(persona.fallback_lines)]
             yield ReplyDelta(text)
+        t = time.perf_counter()
         meta = {"fallback": fallback, "guard": reply.broken}
         await asyncio.to_thread(
-            self.store.add_turns, session.id, [("player", turn.text, {}), ("npc", text, meta)]
+            self.store.add_turns, turn.session_id, [("player", turn.player_text, {}), ("npc", text, meta)]
         )
-        t = mark("store_ms", t)
-        timings["total_ms"] = round((time.perf_counter() - started) * 1000, 1)
+        timings["store_ms"] = _ms(t)
+        timings["total_ms"] = _ms(turn.started)
         yield TurnResult(
-            session_id=session.id,
+            session_id=turn.session_id,
             npc_id=persona.id,
             text=text,
             fallback=fallback,
             regenerated=attempts > 1,
             timings_ms=timings,
             usage=usage,
+            player_text=turn.player_text,
+            perceived=turn.perceived,
         )
+
+    async def run(self, turn: TurnInput) -> AsyncIterator[TurnEvent]:
+        async for event in self.respond(await self.prepare(turn)):
+            yield event
 
     async def _sentences(
         self, messages: list[Message], params: SamplingParams, reply: ReplyFilter, stats: GenerationStats

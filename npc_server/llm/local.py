@@ -99,8 +99,8 @@ class LocalEngine:
             if cancel.is_set():
                 stats.finish_reason = "cancelled"
                 return
-            out = self.model(input_ids=input_ids, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = self.model(input_ids=input_ids, cache=past, use_cache=True, logits_to_keep=1)
+            past = out.cache
             logits = out.logits[0, -1].float()
             token = _sample(logits, seen, params, generator)
             if step == 0:

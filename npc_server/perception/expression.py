@@ -187,7 +187,7 @@ def load_mini_xception(path: Path | None = None) -> MiniXception:
             conv(block.residual, convs[2 + i])
             bn(block.residual_bn, convs[2 + i])
         conv(model.head, convs[-1])
-    return model.eval()
+    return model.float().eval()  # float32 whatever the global default dtype is
 
 
 def to_input(grey_faces: np.ndarray) -> torch.Tensor:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -23,6 +21,8 @@ from npc_server.perception.face import (
 )
 from npc_server.perception.media import decode_image
 from npc_server.perception.types import EMOTIONS
+from tests.media import image_bytes as encode
+from tests.media import png_header_only
 
 # mediapipe 0.10.14 calls a protobuf API that protobuf 4.25 deprecates, once per process.
 pytestmark = pytest.mark.filterwarnings("ignore:SymbolDatabase.GetPrototype:UserWarning")
@@ -30,22 +30,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:SymbolDatabase.GetPrototype:User
 MAX_BYTES = 2_000_000
 MAX_PIXELS = 20_000_000
 MAX_FRAMES = 4
-
-
-def encode(rgb: np.ndarray, fmt: str = "JPEG", **kwargs) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, fmt, **kwargs)
-    return buf.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A tiny PNG whose IHDR claims width x height (8-bit grey) and whose data is one empty row: a bomb's header."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="module")
