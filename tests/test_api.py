@@ -9,6 +9,7 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from npc_server.app import create_app
+from npc_server.dialogue.service import ReplyDelta, TurnInput
 from tests.conftest import ScriptedEngine, make_settings, wait_ready
 
 
@@ -160,3 +161,19 @@ def test_session_ids_are_per_player_and_npc(scripted_client) -> None:
     assert mine["session_id"] == "quest-1"
     other = client.post("/v1/npcs/brokk/turns", json={"player_id": "p2", "session_id": "quest-1", "text": "hi"})
     assert other.status_code == 409 and other.json()["error"]["code"] == "session_conflict"
+
+
+async def test_a_cut_off_reply_is_stored_as_interrupted(tmp_path: Path) -> None:
+    engine = ScriptedEngine("Aye, lad. The blade is cracked. Leave it with me.")
+    app = create_app(make_settings(tmp_path), engine_factory=lambda _: engine)
+    with TestClient(app) as client:
+        wait_ready(client)
+        service = app.state.npc.service
+        prepared = await service.prepare(TurnInput(npc_id="brokk", player_id="p9", text="Is it broken?"))
+        events = service.respond(prepared)
+        first = await anext(events)
+        assert isinstance(first, ReplyDelta)
+        await events.aclose()  # the player barged in after the first sentence
+        turns = client.get(f"/v1/sessions/{prepared.session_id}").json()["turns"]
+        assert [(t["role"], t["text"]) for t in turns] == [("player", "Is it broken?"), ("npc", first.text)]
+        assert turns[1]["meta"] == {"interrupted": True}

@@ -164,16 +164,21 @@ class TurnService:
         reply = ReplyFilter(persona, turn.player_text)
         usage = {"prompt_tokens": 0, "completion_tokens": 0, "history_turns": turn.history_turns}
         attempts = 0
-        while attempts < 2 and not reply.sentences:
-            reply = ReplyFilter(persona, turn.player_text)
-            stats = GenerationStats()
-            async for sentence in self._sentences(turn.messages, self.sampling(persona, attempts), reply, stats):
-                timings.setdefault("first_sentence_ms", _ms(turn.started))
-                yield ReplyDelta(sentence if reply.sentences[0] == sentence else " " + sentence)
-            attempts += 1
-            usage["prompt_tokens"] += stats.prompt_tokens
-            usage["completion_tokens"] += stats.completion_tokens
-            timings.setdefault("first_token_ms", round(stats.first_token_ms, 1))
+        try:
+            while attempts < 2 and not reply.sentences:
+                reply = ReplyFilter(persona, turn.player_text)
+                stats = GenerationStats()
+                async for sentence in self._sentences(turn.messages, self.sampling(persona, attempts), reply, stats):
+                    timings.setdefault("first_sentence_ms", _ms(turn.started))
+                    yield ReplyDelta(sentence if reply.sentences[0] == sentence else " " + sentence)
+                attempts += 1
+                usage["prompt_tokens"] += stats.prompt_tokens
+                usage["completion_tokens"] += stats.completion_tokens
+                timings.setdefault("first_token_ms", round(stats.first_token_ms, 1))
+        except (GeneratorExit, asyncio.CancelledError):
+            # Barge-in or a client gone: what the NPC already said stays in the history, marked as cut off.
+            await self.interrupted(turn, reply.text)
+            raise
         timings["generation_ms"] = _ms(t)
 
         fallback = not reply.sentences
@@ -199,6 +204,13 @@ class TurnService:
             player_text=turn.player_text,
             perceived=turn.perceived,
         )
+
+    async def interrupted(self, turn: PreparedTurn, partial: str) -> None:
+        """Record a turn whose reply was cut off (barge-in, cancel, disconnect)."""
+        turns: list[tuple[str, str, dict[str, Any]]] = [("player", turn.player_text, {})]
+        if partial:
+            turns.append(("npc", partial, {"interrupted": True}))
+        await asyncio.shield(asyncio.to_thread(self.store.add_turns, turn.session_id, turns))
 
     async def run(self, turn: TurnInput) -> AsyncIterator[TurnEvent]:
         async for event in self.respond(await self.prepare(turn)):
