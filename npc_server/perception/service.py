@@ -84,6 +84,6 @@ class Perception:
         for name in ("face", "voice", "text"):
             reading = getattr(out, name)
             if reading is not None:
-                out.timings_ms.update({f"{name}_{k}": v for k, v in reading.timings_ms.items()})
+                out.timings_ms.update({f"{name}_{k}": round(v, 1) for k, v in reading.timings_ms.items()})
         out.timings_ms["perception_ms"] = round((time.perf_counter() - started) * 1000, 1)
         return out
