@@ -33,12 +33,23 @@ def load_engine(settings: Settings) -> Engine:
     """The configured local model, loaded and warmed (blocking: runs in a worker thread)."""
     import torch
 
+    from npc_server.llm.batched import BatchedEngine
     from npc_server.llm.local import LocalEngine
     from npc_server.llm.weights import resolve_model
 
     torch.set_num_threads(settings.llm_threads)
     folder = resolve_model(settings.model, settings.resolved_cache_dir)
-    engine = LocalEngine(folder, dtype=settings.dtype, context_tokens=settings.context_tokens)
+    engine: LocalEngine
+    if settings.batching and '"llama"' in (folder / "config.json").read_text():
+        engine = BatchedEngine(
+            folder,
+            dtype=settings.dtype,
+            context_tokens=settings.context_tokens,
+            max_batch=settings.max_batch,
+            prefix_cache_tokens=settings.prefix_cache_tokens,
+        )
+    else:
+        engine = LocalEngine(folder, dtype=settings.dtype, context_tokens=settings.context_tokens)
     engine.warm()
     return engine
 

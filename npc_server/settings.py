@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     llm_threads: int = Field(2, ge=1, le=64)
     context_tokens: int = Field(2048, ge=256, le=131072)  # prompt + reply budget
+    # Continuous batching across sessions (Llama-architecture models); false: one request at a time.
+    batching: bool = True
+    max_batch: int = Field(16, ge=1, le=256)
+    prefix_cache_tokens: int = Field(16384, ge=0, le=1_000_000)  # KV of recent prompts kept for reuse
     # Sampling defaults; a persona's `generation` block overrides them.
     temperature: float = Field(0.7, ge=0.0, le=2.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)
@@ -48,6 +52,16 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)
     max_audio_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_audio_seconds: float = Field(30.0, gt=0.5, le=600.0)
+
+    # Live sessions (the /v1/live WebSocket): turn detection and per-connection limits (docs/live.md).
+    live_silence_ms: int = Field(700, ge=200, le=5000)  # this much silence after speech ends the player's turn
+    live_max_message_bytes: int = Field(2 * 1024 * 1024, ge=1024, le=16 * 1024 * 1024)  # one WebSocket message
+    live_max_audio_seconds: float = Field(3600.0, gt=0.0, le=86400.0)  # audio one connection may stream in all
+    live_max_fps: float = Field(3.0, gt=0.0, le=30.0)  # face frames kept per second; the rest are dropped
+    live_max_messages_per_s: int = Field(200, ge=10, le=10000)
+    live_idle_timeout_s: float = Field(300.0, gt=0.0, le=86400.0)  # no message from the client for this long
+    live_max_connections: int = Field(256, ge=1, le=100000)
+    live_send_queue: int = Field(256, ge=16, le=65536)  # events waiting for a slow client before it is dropped
 
     @field_validator("personas_dir")
     @classmethod

@@ -24,6 +24,7 @@ class ScriptedEngine:
 
     name = "scripted"
     context_tokens = 2048
+    max_concurrency = 4
 
     def __init__(self, *replies: str) -> None:
         self.replies = list(replies) or ["Aye."]

@@ -45,6 +45,7 @@ class Engine(Protocol):
 
     name: str
     context_tokens: int
+    max_concurrency: int  # generate() calls that may run at once (1: the engine is not thread-safe)
 
     def count_tokens(self, messages: list[Message]) -> int: ...
 
@@ -66,7 +67,7 @@ class EngineRunner:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm")
+        self._executor = ThreadPoolExecutor(max_workers=engine.max_concurrency, thread_name_prefix="llm")
 
     async def stream(
         self, messages: list[Message], params: SamplingParams, stats: GenerationStats
@@ -105,3 +106,6 @@ class EngineRunner:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()

@@ -25,7 +25,9 @@ def cpu_has_bf16() -> bool:
 
 
 class LocalEngine:
-    """Greedy or sampled decoding over a transformers model with a KV cache, one request at a time."""
+    """Greedy or sampled decoding over any transformers causal LM with a KV cache, one request at a time."""
+
+    max_concurrency = 1
 
     def __init__(self, folder: Path, *, dtype: str = "auto", context_tokens: int = 2048) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -102,7 +104,7 @@ class LocalEngine:
             out = self.model(input_ids=input_ids, cache=past, use_cache=True, logits_to_keep=1)
             past = out.cache
             logits = out.logits[0, -1].float()
-            token = _sample(logits, seen, params, generator)
+            token = sample(logits, seen, params, generator)
             if step == 0:
                 stats.first_token_ms = (time.perf_counter() - started) * 1000
             if token in self._stop_ids:
@@ -116,7 +118,7 @@ class LocalEngine:
             if full.endswith("\ufffd"):  # an unfinished multi-byte character: wait for the next token
                 continue
             delta, text = full[len(text) :], full
-            hit = _first_stop(text, params.stop)
+            hit = first_stop(text, params.stop)
             if hit is not None:
                 keep = hit - (len(text) - len(delta))
                 if keep > 0:
@@ -127,28 +129,26 @@ class LocalEngine:
                 yield delta
 
 
-def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+def first_stop(text: str, stops: tuple[str, ...]) -> int | None:
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(hits) if hits else None
 
 
-def _sample(
+def sample(
     logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> int:
-    """One token from the logits: repetition penalty, then greedy or temperature/top-k/top-p sampling."""
+    """One token from float logits [V]: repetition penalty, then greedy or temperature/top-k/top-p sampling."""
     if params.repetition_penalty != 1.0:
         prev = logits[seen]
         logits[seen] = torch.where(prev > 0, prev / params.repetition_penalty, prev * params.repetition_penalty)
     if params.temperature <= 0.0:
         return int(torch.argmax(logits))
-    logits = logits / params.temperature
-    if params.top_k > 0:
-        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
-        logits[logits < kth] = float("-inf")
-    probs = torch.softmax(logits, dim=-1)
+    if params.top_k > 0:  # sample among the k best only: cheap, and the vocabulary is never sorted
+        values, ids = torch.topk(logits, min(params.top_k, logits.numel()))
+    else:
+        values, ids = torch.sort(logits, descending=True)
+    probs = torch.softmax(values / params.temperature, dim=-1)
     if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        cumulative = torch.cumsum(sorted_probs, dim=-1)
-        sorted_probs[(cumulative - sorted_probs) > params.top_p] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+        cumulative = torch.cumsum(probs, dim=-1)
+        probs = torch.where(cumulative - probs > params.top_p, torch.zeros_like(probs), probs)
+    return int(ids[torch.multinomial(probs, 1, generator=generator)])

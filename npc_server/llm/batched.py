@@ -1,0 +1,360 @@
+"""A continuous-batching engine for Llama-architecture models (SmolLM2 and its family) on the CPU.
+
+One scheduler thread owns the model. Every decode step runs all active sequences together, so the
+weights are read once per step for every session that is generating. Sequences join between steps
+(their prompt is prefilled on its own) and leave the moment they finish or are cancelled.
+
+The KV cache lives in fixed slots, `[slots, kv_heads, context, head_dim]` per layer, with active
+sequences kept in slots 0..B-1 so a step works on plain views. A prefix cache keeps the KV of recent
+prompts: a new prompt that starts the same way (the persona's system prompt and examples, the same
+session's earlier history) copies those positions instead of recomputing them.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from npc_server.errors import NpcError
+from npc_server.llm.engine import GenerationStats, Message, SamplingParams
+from npc_server.llm.local import LocalEngine, first_stop, sample
+
+log = logging.getLogger(__name__)
+Write = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (layer, k, v) -> all keys to attend to
+Read = Callable[[int], torch.Tensor]  # layer -> all values to attend to
+
+
+class EngineBusy(NpcError):
+    status = 503
+    code = "busy"
+
+
+@dataclass(eq=False)
+class _Sequence:
+    prompt: list[int]
+    params: SamplingParams
+    stats: GenerationStats
+    cancel: threading.Event
+    out: queue.SimpleQueue[int | BaseException | None] = field(default_factory=queue.SimpleQueue)
+    submitted: float = field(default_factory=time.perf_counter)
+    length: int = 0  # positions filled in its KV slot
+    last: int = 0  # the token to feed at the next step
+    produced: int = 0
+    seen: torch.Tensor | None = None  # prompt + generated ids, for the repetition penalty
+    generator: torch.Generator | None = None
+
+
+class PrefixCache:
+    """KV of recent prompts, evicted least-recently-used beyond a token budget."""
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self.entries: OrderedDict[int, tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]] = OrderedDict()
+        self.tokens = 0
+        self.hits = 0
+        self.reused_tokens = 0
+
+    def longest(self, prompt: torch.Tensor) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]] | None]:
+        best, best_kv, best_key = 0, None, None
+        for key, (ids, kv) in self.entries.items():
+            n = min(len(ids), len(prompt))
+            same = (ids[:n] == prompt[:n]).to(torch.int8)
+            match = n if bool(same.all()) else int(torch.argmin(same))
+            if match > best:
+                best, best_kv, best_key = match, kv, key
+        if best_key is not None:
+            self.entries.move_to_end(best_key)
+        return best, best_kv
+
+    def add(self, prompt: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        key = hash(tuple(prompt.tolist()))
+        if key in self.entries or len(prompt) > self.max_tokens:
+            return
+        self.entries[key] = (prompt, kv)
+        self.tokens += len(prompt)
+        while self.tokens > self.max_tokens:
+            _, (old, _) = self.entries.popitem(last=False)
+            self.tokens -= len(old)
+
+
+class BatchedEngine(LocalEngine):
+    """Same interface as LocalEngine; `generate` may be called from many threads at once."""
+
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        dtype: str = "auto",
+        context_tokens: int = 2048,
+        max_batch: int = 16,
+        max_waiting: int = 64,
+        prefix_cache_tokens: int = 16384,
+    ) -> None:
+        super().__init__(folder, dtype=dtype, context_tokens=context_tokens)
+        config = self.model.config
+        if config.model_type != "llama":
+            raise ValueError(f"the batched engine runs Llama-architecture models, not {config.model_type}")
+        self.max_concurrency = max_batch + max_waiting
+        self.max_batch = max_batch
+        self._layers = self.model.model.layers
+        self._heads = config.num_attention_heads
+        self._kv_heads = config.num_key_value_heads
+        self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // self._heads
+        shape = (max_batch, self._kv_heads, self.context_tokens, self._head_dim)
+        # torch.empty: pages are only touched (and counted in RSS) as sequences fill them.
+        self._k = [torch.empty(shape, dtype=self.dtype) for _ in self._layers]
+        self._v = [torch.empty(shape, dtype=self.dtype) for _ in self._layers]
+        self.prefix_cache = PrefixCache(prefix_cache_tokens)
+        self._waiting: queue.Queue[_Sequence] = queue.Queue(maxsize=max_waiting)
+        self._active: list[_Sequence] = []
+        self._wake = threading.Event()
+        self._stop = False
+        self.steps = 0
+        self.batched_tokens = 0
+        self._thread = threading.Thread(target=self._loop, name="llm-scheduler", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+    # --- the caller's side -------------------------------------------------------------------------
+
+    def generate(
+        self,
+        messages: list[Message],
+        params: SamplingParams,
+        stats: GenerationStats,
+        cancel: threading.Event,
+    ) -> Iterator[str]:
+        started = time.perf_counter()
+        prompt = self.encode(messages)
+        if len(prompt) >= self.context_tokens:
+            raise ValueError("prompt does not fit the context window")
+        seq = _Sequence(prompt, params, stats, cancel)
+        stats.prompt_tokens = len(prompt)
+        try:
+            self._waiting.put_nowait(seq)
+        except queue.Full:
+            raise EngineBusy("the server is at capacity; retry shortly") from None
+        self._wake.set()
+        generated: list[int] = []
+        text = ""
+        try:
+            while True:
+                item = seq.out.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                if not generated:
+                    stats.first_token_ms = (time.perf_counter() - started) * 1000
+                generated.append(item)
+                full = str(self.tokenizer.decode(generated, skip_special_tokens=False))
+                if full.endswith("\ufffd"):
+                    continue
+                delta, text = full[len(text) :], full
+                hit = first_stop(text, params.stop)
+                if hit is not None:
+                    keep = hit - (len(text) - len(delta))
+                    if keep > 0:
+                        yield delta[:keep]
+                    stats.finish_reason = "stop"
+                    return
+                if delta:
+                    yield delta
+        finally:
+            cancel.set()  # a consumer that stopped early (stop string, guard, client gone) frees the slot
+            self._wake.set()
+
+    # --- the scheduler thread ----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop:
+            if not self._active and self._waiting.empty():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                self._retire()
+                self._admit()
+                self._retire()
+                if self._active:
+                    self._step()
+            except Exception as exc:  # a bug must not leave callers waiting forever
+                log.exception("scheduler step failed")
+                for seq in self._active:
+                    seq.out.put(exc)
+                self._active.clear()
+
+    def _admit(self) -> None:
+        while len(self._active) < self.max_batch:
+            try:
+                seq = self._waiting.get_nowait()
+            except queue.Empty:
+                return
+            if seq.cancel.is_set():
+                seq.stats.finish_reason = "cancelled"
+                seq.out.put(None)
+                continue
+            slot = len(self._active)
+            self._active.append(seq)
+            self._prefill(seq, slot)
+
+    def _retire(self) -> None:
+        """Drop finished or cancelled sequences, moving the last slot into each hole."""
+        i = 0
+        while i < len(self._active):
+            seq = self._active[i]
+            done = seq.cancel.is_set() or seq.stats.finish_reason in ("stop", "length")
+            if not done:
+                i += 1
+                continue
+            if seq.cancel.is_set() and not seq.stats.finish_reason:
+                seq.stats.finish_reason = "cancelled"
+            seq.out.put(None)
+            last = len(self._active) - 1
+            if i != last:
+                moved = self._active[last]
+                for k, v in zip(self._k, self._v, strict=True):
+                    k[i, :, : moved.length] = k[last, :, : moved.length]
+                    v[i, :, : moved.length] = v[last, :, : moved.length]
+                self._active[i] = moved
+            self._active.pop()
+
+    @torch.inference_mode()
+    def _prefill(self, seq: _Sequence, slot: int) -> None:
+        prompt = torch.tensor(seq.prompt)
+        reused, kv = self.prefix_cache.longest(prompt)
+        reused = min(reused, len(seq.prompt) - 1)  # at least one position to compute logits from
+        if kv is not None and reused > 0:
+            for layer, (k, v) in enumerate(kv):
+                self._k[layer][slot, :, :reused] = k[:, :reused]
+                self._v[layer][slot, :, :reused] = v[:, :reused]
+            self.prefix_cache.hits += 1
+            self.prefix_cache.reused_tokens += reused
+        logits = self._forward_prefill(prompt[reused:], slot, reused)
+        seq.length = len(seq.prompt)
+        n = seq.length
+        self.prefix_cache.add(
+            prompt, [(k[slot, :, :n].clone(), v[slot, :, :n].clone()) for k, v in zip(self._k, self._v, strict=True)]
+        )
+        seq.stats.extra["prefix_reused_tokens"] = float(reused)
+        seq.seen = prompt
+        if seq.params.seed is not None:
+            seq.generator = torch.Generator().manual_seed(seq.params.seed)
+        self._emit(seq, logits)
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        batch = self._active
+        tokens = torch.tensor([s.last for s in batch])
+        positions = torch.tensor([s.length for s in batch])
+        logits = self._forward_decode(tokens, positions)
+        self.steps += 1
+        self.batched_tokens += len(batch)
+        for i, seq in enumerate(batch):
+            seq.length += 1
+            self._emit(seq, logits[i])
+
+    def _emit(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        if seq.cancel.is_set():
+            return
+        assert seq.seen is not None
+        token = sample(logits.float(), seq.seen, seq.params, seq.generator)
+        if token in self._stop_ids:
+            seq.stats.finish_reason = "stop"
+            return
+        seq.produced += 1
+        seq.stats.completion_tokens = seq.produced
+        seq.seen = torch.cat([seq.seen, torch.tensor([token])])
+        seq.last = token
+        seq.out.put(token)
+        if seq.produced >= seq.params.max_new_tokens or seq.length + 1 >= self.context_tokens:
+            seq.stats.finish_reason = "length"
+
+    # --- the model ---------------------------------------------------------------------------------
+
+    def _attend(
+        self, layer: int, h: torch.Tensor, positions: torch.Tensor, write: Write, read: Read, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Self-attention for hidden states h [B, T, H] at `positions` [B, T]; returns [B, T, H]."""
+        attn = self._layers[layer].self_attn
+        b, t, _ = h.shape
+        q = attn.q_proj(h).view(b, t, self._heads, self._head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(b, t, self._kv_heads, self._head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(b, t, self._kv_heads, self._head_dim).transpose(1, 2)
+        cos, sin = self.model.model.rotary_emb(v, positions)
+        q, k = _rope(q, k, cos, sin)
+        keys, values = write(layer, k, v), read(layer)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        return attn.o_proj(out.transpose(1, 2).reshape(b, t, self._heads * self._head_dim))
+
+    def _run_layers(
+        self, x: torch.Tensor, positions: torch.Tensor, write: Write, read: Read, mask: torch.Tensor
+    ) -> torch.Tensor:
+        for i, layer in enumerate(self._layers):
+            x = x + self._attend(i, layer.input_layernorm(x), positions, write, read, mask)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return x
+
+    def _forward_prefill(self, ids: torch.Tensor, slot: int, start: int) -> torch.Tensor:
+        """Prefill ids [T] into `slot` after `start` cached positions; returns the last position's logits [V]."""
+        t = len(ids)
+        end = start + t
+        positions = torch.arange(start, end)[None]
+        # Query i (absolute position start+i) sees keys 0..start+i.
+        mask = (torch.arange(end)[None, :] <= positions[0][:, None])[None, None]
+
+        def write(layer: int, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            self._k[layer][slot, :, start:end] = k[0]
+            self._v[layer][slot, :, start:end] = v[0]
+            return self._k[layer][slot : slot + 1, :, :end]
+
+        def read(layer: int) -> torch.Tensor:
+            return self._v[layer][slot : slot + 1, :, :end]
+
+        x = self.model.model.embed_tokens(ids[None])
+        x = self._run_layers(x, positions, write, read, mask)
+        return self.model.lm_head(self.model.model.norm(x[:, -1]))[0]
+
+    def _forward_decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One step for the active slots 0..B-1: tokens [B] at positions [B]; returns logits [B, V]."""
+        b = len(tokens)
+        longest = int(positions.max()) + 1
+        slots = torch.arange(b)
+        mask = (torch.arange(longest)[None, :] <= positions[:, None])[:, None, None, :]
+
+        def write(layer: int, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            self._k[layer][slots, :, positions] = k[:, :, 0]
+            self._v[layer][slots, :, positions] = v[:, :, 0]
+            return self._k[layer][:b, :, :longest]
+
+        def read(layer: int) -> torch.Tensor:
+            return self._v[layer][:b, :, :longest]
+
+        x = self.model.model.embed_tokens(tokens[:, None])
+        x = self._run_layers(x, positions[:, None], write, read, mask)
+        return self.model.lm_head(self.model.model.norm(x[:, -1]))
+
+
+def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = cos[:, None], sin[:, None]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
+
