@@ -113,6 +113,10 @@ class BatchedEngine(LocalEngine):
         # torch.empty: pages are only touched (and counted in RSS) as sequences fill them.
         self._k = [torch.empty(shape, dtype=self.dtype) for _ in self._layers]
         self._v = [torch.empty(shape, dtype=self.dtype) for _ in self._layers]
+        # Positions below this per-slot mark hold finite values. A decode step attends (masked) over every
+        # slot up to the longest sequence, and never-written memory could hold NaN, which masking does not
+        # cancel; so each slot is zeroed up to the longest length as the batch grows.
+        self._finite = [0] * max_batch
         self.prefix_cache = PrefixCache(prefix_cache_tokens)
         self._waiting: queue.Queue[_Sequence] = queue.Queue(maxsize=max_waiting)
         self._active: list[_Sequence] = []
@@ -230,6 +234,7 @@ class BatchedEngine(LocalEngine):
                 for k, v in zip(self._k, self._v, strict=True):
                     k[i, :, : moved.length] = k[last, :, : moved.length]
                     v[i, :, : moved.length] = v[last, :, : moved.length]
+                self._finite[i] = max(self._finite[i], moved.length)
                 self._active[i] = moved
             self._active.pop()
 
@@ -327,12 +332,19 @@ class BatchedEngine(LocalEngine):
 
         x = self.model.model.embed_tokens(ids[None])
         x = self._run_layers(x, positions, write, read, mask)
+        self._finite[slot] = max(self._finite[slot], end)
         return self.model.lm_head(self.model.model.norm(x[:, -1]))[0]
 
     def _forward_decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One step for the active slots 0..B-1: tokens [B] at positions [B]; returns logits [B, V]."""
         b = len(tokens)
         longest = int(positions.max()) + 1
+        for slot in range(b):
+            if self._finite[slot] < longest:
+                for k, v in zip(self._k, self._v, strict=True):
+                    k[slot, :, self._finite[slot] : longest] = 0
+                    v[slot, :, self._finite[slot] : longest] = 0
+                self._finite[slot] = longest
         slots = torch.arange(b)
         mask = (torch.arange(longest)[None, :] <= positions[:, None])[:, None, None, :]
 
