@@ -30,13 +30,23 @@ T = TypeVar("T")
 
 
 def load_engine(settings: Settings) -> Engine:
-    """The configured local model, loaded and warmed (blocking: runs in a worker thread)."""
+    """The configured model, loaded and warmed (blocking: runs in a worker thread)."""
     import torch
 
     from npc_server.llm.batched import BatchedEngine
     from npc_server.llm.local import LocalEngine
+    from npc_server.llm.remote import OpenAIEngine
     from npc_server.llm.weights import resolve_model
 
+    if settings.model.startswith("openai:"):
+        remote = OpenAIEngine(
+            settings.model.removeprefix("openai:"),
+            settings.openai_model,
+            api_key=settings.openai_api_key,
+            context_tokens=settings.context_tokens,
+        )
+        remote.warm()
+        return remote
     torch.set_num_threads(settings.llm_threads)
     folder = resolve_model(settings.model, settings.resolved_cache_dir)
     engine: LocalEngine

@@ -23,8 +23,11 @@ class Settings(BaseSettings):
     cache_dir: Path | None = None  # converted model weights; default: <data_dir>/cache
     personas_dir: Path = DEFAULT_PERSONAS
 
-    # "smollm2" (the embedded default), a local Hugging Face model folder, or a .gguf file.
+    # "smollm2" (the embedded default), a local Hugging Face model folder, a .gguf file, or
+    # "openai:<base url>" for any OpenAI-compatible server (vLLM, llama.cpp server, Ollama).
     model: str = "smollm2"
+    openai_model: str = "default"  # the model name sent to an OpenAI-compatible server
+    openai_api_key: str | None = None
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     llm_threads: int = Field(2, ge=1, le=64)
     context_tokens: int = Field(2048, ge=256, le=131072)  # prompt + reply budget
