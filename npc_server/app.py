@@ -13,9 +13,10 @@ from typing import TypeVar
 from fastapi import FastAPI
 
 from npc_server import __version__
-from npc_server.api import errors, health, npcs, sessions, turns
+from npc_server.api import errors, health, live, npcs, sessions, turns
 from npc_server.api.middleware import BodyLimit
 from npc_server.dialogue.service import TurnService
+from npc_server.live.flow import LiveHub
 from npc_server.llm.engine import Engine, EngineRunner
 from npc_server.perception.service import Perception
 from npc_server.personas.loader import load_personas
@@ -124,6 +125,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
     )
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    for module in (health, npcs, turns, sessions):
+    app.state.live = LiveHub(settings.live_max_connections)
+    for module in (health, npcs, turns, sessions, live):
         app.include_router(module.router)
     return app

@@ -1,4 +1,4 @@
-"""`npc-server serve | personas validate`."""
+"""`npc-server serve | chat | personas validate`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from npc_server import chat
 from npc_server.settings import Settings
 
 
@@ -22,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--data-dir", type=Path, help="database and caches (NPC_DATA_DIR)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="NPC_LOG_LEVEL")
 
+    chat.add_parser(commands)
+
     personas = commands.add_parser("personas", help="persona file tools")
     persona_commands = personas.add_subparsers(dest="persona_command", required=True)
     validate = persona_commands.add_parser("validate", help="check persona files; exit 1 if any is broken")
@@ -30,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "chat":
+        return chat.run(args)
     return _validate(args.paths)
 
 
