@@ -35,7 +35,7 @@ def reference(folder) -> dict[str, str]:  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def batched(folder) -> Iterator[BatchedEngine]:  # type: ignore[no-untyped-def]
-    engine = BatchedEngine(folder, dtype="float32", max_batch=4)
+    engine = BatchedEngine(folder, dtype="float32", max_batch=4, prefill_chunk=16)  # prompts fill in chunks
     yield engine
     engine.close()
 

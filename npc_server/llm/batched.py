@@ -46,6 +46,7 @@ class _Sequence:
     cancel: threading.Event
     out: queue.SimpleQueue[int | BaseException | None] = field(default_factory=queue.SimpleQueue)
     submitted: float = field(default_factory=time.perf_counter)
+    slot: int = 0
     length: int = 0  # positions filled in its KV slot
     last: int = 0  # the token to feed at the next step
     produced: int = 0
@@ -98,6 +99,7 @@ class BatchedEngine(LocalEngine):
         max_batch: int = 16,
         max_waiting: int = 64,
         prefix_cache_tokens: int = 16384,
+        prefill_chunk: int = 256,
     ) -> None:
         super().__init__(folder, dtype=dtype, context_tokens=context_tokens)
         config = self.model.config
@@ -119,7 +121,9 @@ class BatchedEngine(LocalEngine):
         self._finite = [0] * max_batch
         self.prefix_cache = PrefixCache(prefix_cache_tokens)
         self._waiting: queue.Queue[_Sequence] = queue.Queue(maxsize=max_waiting)
-        self._active: list[_Sequence] = []
+        self._active: list[_Sequence] = []  # decoding, in slots 0..B-1
+        self._filling: _Sequence | None = None  # being prefilled, in slot B or above
+        self.prefill_chunk = prefill_chunk
         self._wake = threading.Event()
         self._stop = False
         self.steps = 0
@@ -186,23 +190,27 @@ class BatchedEngine(LocalEngine):
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stop:
-            if not self._active and self._waiting.empty():
+            if not self._active and self._filling is None and self._waiting.empty():
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
             try:
                 self._retire()
-                self._admit()
-                self._retire()
+                if self._filling is None:
+                    self._admit()
+                if self._filling is not None:
+                    self._prefill_chunk()
                 if self._active:
                     self._step()
             except Exception as exc:  # a bug must not leave callers waiting forever
                 log.exception("scheduler step failed")
-                for seq in self._active:
+                for seq in [*self._active, *([self._filling] if self._filling else [])]:
                     seq.out.put(exc)
                 self._active.clear()
+                self._filling = None
 
     def _admit(self) -> None:
+        """Take the next waiting sequence into the free slot after the active ones and start its prefill."""
         while len(self._active) < self.max_batch:
             try:
                 seq = self._waiting.get_nowait()
@@ -212,9 +220,54 @@ class BatchedEngine(LocalEngine):
                 seq.stats.finish_reason = "cancelled"
                 seq.out.put(None)
                 continue
-            slot = len(self._active)
-            self._active.append(seq)
-            self._prefill(seq, slot)
+            seq.slot = len(self._active)
+            prompt = torch.tensor(seq.prompt)
+            reused, kv = self.prefix_cache.longest(prompt)
+            reused = min(reused, len(seq.prompt) - 1)  # at least one position to compute logits from
+            if kv is not None and reused > 0:
+                for layer, (k, v) in enumerate(kv):
+                    self._k[layer][seq.slot, :, :reused] = k[:, :reused]
+                    self._v[layer][seq.slot, :, :reused] = v[:, :reused]
+                self.prefix_cache.hits += 1
+                self.prefix_cache.reused_tokens += reused
+            seq.length = reused
+            seq.stats.extra["prefix_reused_tokens"] = float(reused)
+            seq.seen = prompt
+            if seq.params.seed is not None:
+                seq.generator = torch.Generator().manual_seed(seq.params.seed)
+            self._filling = seq
+            return
+
+    @torch.inference_mode()
+    def _prefill_chunk(self) -> None:
+        """Prefill the next chunk of the filling sequence. Chunks keep the active sequences decoding
+        between them, and a cancel is seen within one chunk."""
+        seq = self._filling
+        assert seq is not None and seq.seen is not None
+        if seq.cancel.is_set():
+            seq.stats.finish_reason = "cancelled"
+            seq.out.put(None)
+            self._filling = None
+            return
+        end = min(len(seq.prompt), seq.length + self.prefill_chunk)
+        logits = self._forward_prefill(seq.seen[seq.length : end], seq.slot, seq.length)
+        seq.length = end
+        if end < len(seq.prompt):
+            return
+        slot = len(self._active)
+        if seq.slot != slot:  # active sequences left while it filled: move it next to them
+            for k, v in zip(self._k, self._v, strict=True):
+                k[slot, :, :end] = k[seq.slot, :, :end]
+                v[slot, :, :end] = v[seq.slot, :, :end]
+            self._finite[slot] = max(self._finite[slot], end)
+            seq.slot = slot
+        self.prefix_cache.add(
+            seq.seen,
+            [(k[slot, :, :end].clone(), v[slot, :, :end].clone()) for k, v in zip(self._k, self._v, strict=True)],
+        )
+        self._filling = None
+        self._active.append(seq)
+        self._emit(seq, logits)
 
     def _retire(self) -> None:
         """Drop finished or cancelled sequences, moving the last slot into each hole."""
@@ -237,29 +290,6 @@ class BatchedEngine(LocalEngine):
                 self._finite[i] = max(self._finite[i], moved.length)
                 self._active[i] = moved
             self._active.pop()
-
-    @torch.inference_mode()
-    def _prefill(self, seq: _Sequence, slot: int) -> None:
-        prompt = torch.tensor(seq.prompt)
-        reused, kv = self.prefix_cache.longest(prompt)
-        reused = min(reused, len(seq.prompt) - 1)  # at least one position to compute logits from
-        if kv is not None and reused > 0:
-            for layer, (k, v) in enumerate(kv):
-                self._k[layer][slot, :, :reused] = k[:, :reused]
-                self._v[layer][slot, :, :reused] = v[:, :reused]
-            self.prefix_cache.hits += 1
-            self.prefix_cache.reused_tokens += reused
-        logits = self._forward_prefill(prompt[reused:], slot, reused)
-        seq.length = len(seq.prompt)
-        n = seq.length
-        self.prefix_cache.add(
-            prompt, [(k[slot, :, :n].clone(), v[slot, :, :n].clone()) for k, v in zip(self._k, self._v, strict=True)]
-        )
-        seq.stats.extra["prefix_reused_tokens"] = float(reused)
-        seq.seen = prompt
-        if seq.params.seed is not None:
-            seq.generator = torch.Generator().manual_seed(seq.params.seed)
-        self._emit(seq, logits)
 
     @torch.inference_mode()
     def _step(self) -> None:
@@ -369,4 +399,3 @@ def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
         return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
     return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
-
