@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     # Perception: face, voice and text models, and the limits on what a turn may upload.
     perception: bool = True
     perception_threads: int = Field(2, ge=1, le=32)
+    whisper_threads: int = Field(2, ge=1, le=32)  # CTranslate2 threads for speech recognition
     max_face_frames: int = Field(8, ge=1, le=64)
     max_image_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)

@@ -43,7 +43,11 @@ class Perception:
             max_pixels=settings.max_image_pixels,
             max_frames=settings.max_face_frames,
         )
-        self.voice = VoiceAnalyzer(max_bytes=settings.max_audio_bytes, max_seconds=settings.max_audio_seconds)
+        self.voice = VoiceAnalyzer(
+            max_bytes=settings.max_audio_bytes,
+            max_seconds=settings.max_audio_seconds,
+            whisper_threads=settings.whisper_threads,
+        )
         self.text = TextAnalyzer()
         self._pool = ThreadPoolExecutor(max_workers=settings.perception_threads, thread_name_prefix="perception")
 
