@@ -16,6 +16,7 @@ from npc_server import __version__
 from npc_server.api import errors, health, live, npcs, sessions, turns
 from npc_server.api.middleware import BodyLimit
 from npc_server.dialogue.service import TurnService
+from npc_server.fusion.runtime import AffectFuser
 from npc_server.live.flow import LiveHub
 from npc_server.llm.engine import Engine, EngineRunner
 from npc_server.perception.service import Perception
@@ -65,11 +66,11 @@ def load_engine(settings: Settings) -> Engine:
     return engine
 
 
-def load_perception(settings: Settings) -> Perception:
-    """Face, voice and text models, loaded and warmed (blocking: runs in a worker thread)."""
+def load_perception(settings: Settings) -> tuple[Perception, AffectFuser]:
+    """Face, voice and text models and the fusion model, loaded and warmed (blocking: a worker thread)."""
     perception = Perception(settings)
     perception.warm()
-    return perception
+    return perception, AffectFuser.load(settings.fusion_checkpoint, settings.fusion_method)
 
 
 def create_app(settings: Settings | None = None, *, engine_factory: EngineFactory = load_engine) -> FastAPI:
@@ -97,12 +98,14 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
                 # One after the other: transformers changes torch's global default dtype while it loads a
                 # bf16 model, which would leak into models built on another thread at the same time.
                 engine = await timed("llm_ms", engine_factory)
-                perception = await timed("perception_ms", load_perception) if settings.perception else None
+                perception, fuser = (
+                    await timed("perception_ms", load_perception) if settings.perception else (None, None)
+                )
             except Exception:
                 log.exception("model loading failed; the server stays unready")
                 return
             state.perception = perception
-            state.service = TurnService(personas, EngineRunner(engine), store, settings, perception)
+            state.service = TurnService(personas, EngineRunner(engine), store, settings, perception, fuser)
             state.startup_ms["ready_ms"] = round((time.perf_counter() - started) * 1000, 1)
             log.info("ready in %.1f s (model %s)", time.perf_counter() - started, engine.name)
 

@@ -1,4 +1,4 @@
-"""`npc-server serve | chat | personas validate`."""
+"""`npc-server serve | chat | personas validate | fusion ...`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from npc_server import chat
+from npc_server.fusion.cli import add_parser as add_fusion_parser
+from npc_server.fusion.cli import run as run_fusion
 from npc_server.settings import Settings
 
 
@@ -30,11 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     validate = persona_commands.add_parser("validate", help="check persona files; exit 1 if any is broken")
     validate.add_argument("paths", nargs="*", type=Path, help="files or folders (default: NPC_PERSONAS_DIR)")
 
+    add_fusion_parser(commands)
+
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
     if args.command == "chat":
         return chat.run(args)
+    if args.command == "fusion":
+        return run_fusion(args)
     return _validate(args.paths)
 
 

@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     perception: bool = True
     perception_threads: int = Field(2, ge=1, le=32)
     whisper_threads: int = Field(2, ge=1, le=32)  # CTranslate2 threads for speech recognition
+    fusion_checkpoint: Path | None = None  # a trained fusion checkpoint folder; default: the shipped one
+    fusion_method: str | None = None  # attention, late, face, voice or text; default: the checkpoint's choice
     max_face_frames: int = Field(8, ge=1, le=64)
     max_image_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64)

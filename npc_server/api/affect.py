@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from npc_server.api.schemas import FaceAffect, PlayerAffect, ProsodyView, TextAffect, VoiceAffect
+from npc_server.api.schemas import (
+    FaceAffect,
+    FusedView,
+    NpcEmotion,
+    NpcState,
+    PlayerAffect,
+    ProsodyView,
+    TextAffect,
+    VoiceAffect,
+)
+from npc_server.dialogue.mood import NpcMood
+from npc_server.fusion.model import FusedAffect
 from npc_server.perception.service import Perceived
 
 
@@ -12,10 +23,21 @@ def _top(probs: dict[str, float]) -> str | None:
     return max(probs, key=probs.__getitem__) if probs else None
 
 
-def player_affect(p: Perceived | None, typed: bool) -> PlayerAffect | None:
+def npc_state(mood: NpcMood | None) -> NpcState | None:
+    if mood is None:
+        return None
+    return NpcState(
+        emotion=NpcEmotion(label=mood.label, intensity=round(mood.intensity, 4), strength=mood.strength),
+        valence=round(mood.valence, 4),
+        arousal=round(mood.arousal, 4),
+        trigger=mood.trigger,
+    )
+
+
+def player_affect(p: Perceived | None, typed: bool, fused: FusedAffect | None = None) -> PlayerAffect | None:
     if p is None:
         return None
-    out = PlayerAffect()
+    out = PlayerAffect(fused=FusedView(**fused.to_dict()) if fused is not None else None)
     if p.face is not None:
         f = p.face
         out.face = FaceAffect(

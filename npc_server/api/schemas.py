@@ -82,12 +82,40 @@ class TextAffect(BaseModel):
     confidence: float
 
 
+class FusedView(BaseModel):
+    """The fusion model's reading of the player across the modalities that were read."""
+
+    emotion: dict[str, float] = Field(description="probabilities over the 7 emotions")
+    label: str
+    valence: float
+    arousal: float
+    confidence: float
+    modalities: list[str] = Field(description="the modalities that contributed")
+    method: str = Field(description="attention, late, or a single modality")
+
+
 class PlayerAffect(BaseModel):
-    """What each modality perceived; a modality that was not sent is null."""
+    """What each modality perceived (null when not sent), and the fused affect."""
 
     face: FaceAffect | None = None
     voice: VoiceAffect | None = None
     text: TextAffect | None = None
+    fused: FusedView | None = None
+
+
+class NpcEmotion(BaseModel):
+    label: str = Field(description="the persona's emotion label, e.g. contempt, tension, validation")
+    intensity: float = Field(description="0..1")
+    strength: str = Field(description="weak, normal or strong")
+
+
+class NpcState(BaseModel):
+    """The NPC's emotional state after this turn, for the game to animate."""
+
+    emotion: NpcEmotion
+    valence: float
+    arousal: float
+    trigger: str | None = Field(description="what moved it this turn: hostile, distressed, friendly, or null")
 
 
 class TurnResponse(BaseModel):
@@ -96,6 +124,7 @@ class TurnResponse(BaseModel):
     player_text: str = Field(description="the player's line as the NPC heard it (typed text, or the transcript)")
     reply: Reply
     player_affect: PlayerAffect | None = None
+    npc: NpcState | None = None
     usage: Usage
     timings_ms: dict[str, float]
 

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from npc_server.api.affect import player_affect
+from npc_server.api.affect import npc_state, player_affect
 from npc_server.api.deps import ServiceDep, StateDep
 from npc_server.api.schemas import ErrorResponse, Reply, TurnForm, TurnRequest, TurnResponse, Usage
 from npc_server.dialogue.service import ReplyDelta, TurnInput, TurnResult
@@ -61,7 +61,8 @@ def to_response(result: TurnResult, typed: bool) -> TurnResponse:
         npc_id=result.npc_id,
         player_text=result.player_text,
         reply=Reply(text=result.text, fallback=result.fallback, regenerated=result.regenerated),
-        player_affect=player_affect(result.perceived, typed),
+        player_affect=player_affect(result.perceived, typed, result.affect),
+        npc=npc_state(result.npc_emotion),
         usage=Usage(**result.usage),
         timings_ms=result.timings_ms,
     )

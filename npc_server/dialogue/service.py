@@ -10,13 +10,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from npc_server.dialogue.guard import ReplyFilter
+from npc_server.dialogue.mood import NpcMood, affect_note, update_mood
 from npc_server.errors import NotFound, NpcError
+from npc_server.fusion.model import FusedAffect
+from npc_server.fusion.runtime import AffectFuser
 from npc_server.llm.engine import EngineRunner, GenerationStats, Message, SamplingParams
 from npc_server.perception.service import Perceived, Perception, Upload
 from npc_server.personas.prompt import Turn, build_messages
 from npc_server.personas.schema import Persona
 from npc_server.settings import Settings
-from npc_server.store.sqlite import SessionMismatch, Store
+from npc_server.store.sqlite import SessionMismatch, Store, TurnRow
 
 STOP_STRINGS = ("<|im_start|>", "\nUser:", "\nPlayer:", "\nYou:")
 HISTORY_LIMIT = 64  # turns read from the store; the token budget trims further
@@ -53,7 +56,8 @@ class TurnResult:
     usage: dict[str, int]
     player_text: str
     perceived: Perceived | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
+    affect: FusedAffect | None = None  # the player's fused affect
+    npc_emotion: NpcMood | None = None  # the NPC's emotional state after this turn
 
 
 TurnEvent = ReplyDelta | TurnResult
@@ -65,11 +69,22 @@ class PreparedTurn:
     session_id: str
     player_text: str
     perceived: Perceived | None
+    affect: FusedAffect | None
+    mood: NpcMood
     messages: list[Message]
     history_turns: int  # history turns that fit the prompt
     history_len: int  # history turns stored
     started: float
     timings_ms: dict[str, float]
+
+
+def _last_mood(stored: list[TurnRow]) -> NpcMood | None:
+    """The NPC's mood after its last reply in this session, if it was recorded."""
+    for row in reversed(stored):
+        mood = row.meta.get("mood") if row.role == "npc" else None
+        if isinstance(mood, dict):
+            return NpcMood(mood["label"], mood["intensity"], mood["valence"], mood["arousal"])
+    return None
 
 
 def _ms(since: float) -> float:
@@ -84,12 +99,14 @@ class TurnService:
         store: Store,
         settings: Settings,
         perception: Perception | None = None,
+        fuser: AffectFuser | None = None,
     ) -> None:
         self.personas = personas
         self.runner = runner
         self.store = store
         self.settings = settings
         self.perception = perception
+        self.fuser = fuser
 
     def persona(self, npc_id: str) -> Persona:
         persona = self.personas.get(npc_id)
@@ -138,11 +155,26 @@ class TurnService:
         history = [Turn(row.role, row.text) for row in stored]
         timings["load_ms"] = _ms(t)
 
+        # How the player seems, and how that moves the NPC: both become a line of the system prompt.
+        t = time.perf_counter()
+        affect = None
+        if self.fuser is not None and perceived is not None:
+            affect = self.fuser.fuse(perceived.face, perceived.voice, perceived.text)
+        mood = update_mood(_last_mood(stored), affect, persona.temperament)
+        situation = affect_note(affect, mood) if affect is not None else ""
+        timings["fusion_ms"] = _ms(t)
+
         t = time.perf_counter()
         engine = self.runner.engine
         budget = engine.context_tokens - self.sampling(persona, 0).max_new_tokens
         messages, kept = await asyncio.to_thread(
-            build_messages, persona, history, player_text, count_tokens=engine.count_tokens, budget=budget
+            build_messages,
+            persona,
+            history,
+            player_text,
+            count_tokens=engine.count_tokens,
+            budget=budget,
+            situation=situation,
         )
         timings["prompt_ms"] = _ms(t)
         return PreparedTurn(
@@ -150,6 +182,8 @@ class TurnService:
             session_id=session.id,
             player_text=player_text,
             perceived=perceived,
+            affect=affect,
+            mood=mood,
             messages=messages,
             history_turns=kept,
             history_len=len(history),
@@ -187,9 +221,10 @@ class TurnService:
             text = persona.fallback_lines[turn.history_len // 2 % len(persona.fallback_lines)]
             yield ReplyDelta(text)
         t = time.perf_counter()
-        meta = {"fallback": fallback, "guard": reply.broken}
+        meta = {"fallback": fallback, "guard": reply.broken, "mood": turn.mood.to_dict()}
+        heard = {"affect": turn.affect.to_dict()} if turn.affect is not None else {}
         await asyncio.to_thread(
-            self.store.add_turns, turn.session_id, [("player", turn.player_text, {}), ("npc", text, meta)]
+            self.store.add_turns, turn.session_id, [("player", turn.player_text, heard), ("npc", text, meta)]
         )
         timings["store_ms"] = _ms(t)
         timings["total_ms"] = _ms(turn.started)
@@ -203,13 +238,15 @@ class TurnService:
             usage=usage,
             player_text=turn.player_text,
             perceived=turn.perceived,
+            affect=turn.affect,
+            npc_emotion=turn.mood,
         )
 
     async def interrupted(self, turn: PreparedTurn, partial: str) -> None:
         """Record a turn whose reply was cut off (barge-in, cancel, disconnect)."""
         turns: list[tuple[str, str, dict[str, Any]]] = [("player", turn.player_text, {})]
         if partial:
-            turns.append(("npc", partial, {"interrupted": True}))
+            turns.append(("npc", partial, {"interrupted": True, "mood": turn.mood.to_dict()}))
         await asyncio.shield(asyncio.to_thread(self.store.add_turns, turn.session_id, turns))
 
     async def run(self, turn: TurnInput) -> AsyncIterator[TurnEvent]:
