@@ -32,9 +32,6 @@ def add_parser(commands: Any) -> None:
     train.add_argument("--out", type=Path, default=DEFAULT_DATA / "checkpoint", help="checkpoint folder")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--max-epochs", type=int, default=None)
-    train.add_argument(
-        "--seed-study", type=int, default=0, metavar="N", help="also train seeds 1..N to report held-out spread"
-    )
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on a manifest's held-out rows (or all, if unmarked)")
     ev.add_argument("--data", type=Path, default=DEFAULT_DATA / "manifest.jsonl", help="manifest (.jsonl)")
@@ -66,7 +63,7 @@ def _make_data(args: argparse.Namespace) -> int:
 
 
 def _import_meld(args: argparse.Namespace) -> int:
-    from npc_server.fusion.data import meld_manifest
+    from npc_server.fusion.meld import meld_manifest
 
     counts = meld_manifest(args.meld_dir, args.out)
     print(json.dumps(counts, indent=2, sort_keys=True))
@@ -77,14 +74,7 @@ def _import_meld(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from npc_server.fusion.data import load_manifest
     from npc_server.fusion.metrics import ablation_table, format_report
-    from npc_server.fusion.train import (
-        TrainConfig,
-        checkpoint_info,
-        save_checkpoint,
-        seed_study,
-        seed_table,
-        train_suite,
-    )
+    from npc_server.fusion.train import TrainConfig, checkpoint_info, save_checkpoint, train_suite
 
     started = time.monotonic()
     ds = load_manifest(args.data)
@@ -99,15 +89,9 @@ def _train(args: argparse.Namespace) -> int:
     if report["test"]:
         print(f"\nheld-out report, {runtime}:\n{format_report(report['test']['all'][runtime]['report'])}")
         print("\n" + ablation_table(report["test"], runtime))
-    if args.seed_study and report["test"]:
-        print(f"\nseed study: seeds {args.seed} and {args.seed + 1}..{args.seed + args.seed_study}")
-        seeds = range(args.seed, args.seed + args.seed_study + 1)
-        study = seed_study(ds, seeds, cfg)
-        print("\n" + seed_table(study))
-        metrics_path = args.out / "metrics.json"
-        metrics = json.loads(metrics_path.read_text())
-        metrics["seed_study"] = study
-        metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    if report["copies_macro_f1"]:
+        spread = {kind: [round(v, 3) for v in vals] for kind, vals in report["copies_macro_f1"].items()}
+        print(f"\nheld-out macro F1 of each trained copy in the ensembles: {spread}")
     print(f"\nsaved {args.out} in {time.monotonic() - started:.0f} s")
     return 0
 

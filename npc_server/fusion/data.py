@@ -1,4 +1,4 @@
-"""Training data for fusion: the manifest format, feature extraction through the real analyzers, MELD.
+"""Training data for fusion: the manifest format, and feature extraction through the real analyzers.
 
 A manifest is JSON Lines, one sample per line; paths are relative to the manifest's folder:
 
@@ -20,7 +20,6 @@ Features are cached in `<manifest>.features.npz` beside the manifest, keyed by a
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -39,9 +38,10 @@ from npc_server.fusion.features import FEATURE_VERSION, INPUT_DIMS, MODALITIES, 
 from npc_server.perception.types import EMOTIONS, FaceReading
 
 Log = Callable[[str], None]
+ASR_SEED = 0
 
 
-def _stderr(msg: str) -> None:
+def stderr_log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
@@ -192,8 +192,14 @@ class Analyzers:
     @property
     def voice(self) -> Any:
         if self._voice is None:
+            import ctranslate2
+
             from npc_server.perception.voice import VoiceAnalyzer
 
+            # Whisper falls back to sampling on clips it finds hard (about 2.5% of the generated ones). Its
+            # worker thread seeds its generator from this seed when the model is loaded, so a run that analyses
+            # the same clips in the same order (a fresh one) gets the same transcripts.
+            ctranslate2.set_random_seed(ASR_SEED)
             self._voice = VoiceAnalyzer(max_bytes=64 << 20, max_seconds=120.0, whisper_threads=self.threads)
         return self._voice
 
@@ -246,7 +252,9 @@ class FeatureCache:
         self.dirty = 0
 
 
-def load_manifest(path: Path, analyzers: Analyzers | None = None, *, cache: bool = True, log: Log = _stderr) -> Dataset:
+def load_manifest(
+    path: Path, analyzers: Analyzers | None = None, *, cache: bool = True, log: Log = stderr_log
+) -> Dataset:
     """Read a manifest and turn each sample into feature vectors with the real analyzers (cached)."""
     rows = read_manifest(path)
     store = FeatureCache(path.with_name(path.name + ".features.npz") if cache else None)
@@ -269,7 +277,7 @@ def load_manifest(path: Path, analyzers: Analyzers | None = None, *, cache: bool
                     "id": row.id or str(i),
                 }
             )
-            if (i + 1) % 100 == 0:
+            if (i + 1) % 100 == 0 and time.monotonic() - started > 5:  # quiet when everything is cached
                 log(f"features: {i + 1}/{len(rows)} samples, {time.monotonic() - started:.0f} s")
     finally:
         store.save()
@@ -354,79 +362,3 @@ def synthetic_face_reading(face: SyntheticFace) -> FaceReading:
         confidence=confidence,
         features=np.zeros(0, dtype=np.float32),
     )
-
-
-# MELD (Poria et al. 2019): labels -> EMOTIONS, and where each split's CSV and clips live in MELD.Raw.
-MELD_LABELS = {
-    "anger": "angry",
-    "disgust": "disgust",
-    "fear": "fear",
-    "joy": "happy",
-    "sadness": "sad",
-    "surprise": "surprise",
-    "neutral": "neutral",
-}
-MELD_SPLITS = {  # MELD split -> (csv name, clip folder names, our split); dev is more training data
-    "train": ("train_sent_emo.csv", ("train_splits",), "train"),
-    "dev": ("dev_sent_emo.csv", ("dev_splits_complete", "dev_splits"), "train"),
-    "test": ("test_sent_emo.csv", ("output_repeated_splits_test", "test_splits"), "test"),
-}
-MAX_MELD_FRAMES = 8
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
-
-def meld_manifest(meld_dir: Path, out: Path, log: Log = _stderr) -> dict[str, int]:
-    """Write a manifest for a MELD folder: each utterance's text, its .wav/.flac and frames when extracted.
-
-    MELD ships mp4 clips, which cannot be decoded here (no ffmpeg); extract beside each clip, elsewhere:
-    `dia3_utt1.wav` (audio) and `dia3_utt1_01.jpg`, `dia3_utt1_02.jpg`, ... (frames). Rows without them
-    are text-only.
-    """
-    counts: dict[str, int] = {}
-    lines = []
-    for meld_split, (csv_name, clip_dirs, split) in MELD_SPLITS.items():
-        found = sorted(meld_dir.rglob(csv_name))
-        if not found:
-            log(f"MELD: no {csv_name} under {meld_dir}; skipping the {meld_split} split")
-            continue
-        folders = [d for name in clip_dirs for d in sorted(meld_dir.rglob(name)) if d.is_dir()]
-        with found[0].open(encoding="utf-8", errors="replace", newline="") as f:
-            for rec in csv.DictReader(f):
-                label = MELD_LABELS.get(rec.get("Emotion", "").strip().lower())
-                if label is None:
-                    continue
-                stem = f"dia{rec['Dialogue_ID'].strip()}_utt{rec['Utterance_ID'].strip()}"
-                row: dict[str, Any] = {"id": f"meld-{meld_split}-{stem}", "text": _meld_text(rec["Utterance"])}
-                row |= _meld_media(folders, stem, out.parent)
-                row |= {"label": label, "split": split, "tags": ["meld", f"meld:{meld_split}"]}
-                lines.append(json.dumps(row))
-                counts[meld_split] = counts.get(meld_split, 0) + 1
-                counts["with_audio"] = counts.get("with_audio", 0) + ("audio" in row)
-                counts["with_frames"] = counts.get("with_frames", 0) + ("images" in row)
-    if not lines:
-        raise ManifestError(f"no MELD csv files (train_sent_emo.csv, ...) under {meld_dir}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return counts
-
-
-def _meld_media(folders: list[Path], stem: str, root: Path) -> dict[str, Any]:
-    """The extracted audio and frames of one utterance, as manifest paths relative to `root`."""
-    media: dict[str, Any] = {}
-    for folder in folders:
-        audio = [folder / f"{stem}{ext}" for ext in (".wav", ".flac") if (folder / f"{stem}{ext}").is_file()]
-        frames = sorted(p for p in folder.glob(f"{stem}_*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if audio:
-            media["audio"] = os.path.relpath(audio[0], root)
-        if frames:
-            media["images"] = [os.path.relpath(p, root) for p in frames[:MAX_MELD_FRAMES]]
-    return media
-
-
-def _meld_text(text: str) -> str:
-    """MELD's CSVs hold UTF-8 read as cp1252 in places ('Iâ€™m'); undo that where it round-trips."""
-    try:
-        fixed = text.encode("cp1252").decode("utf-8")
-    except (UnicodeEncodeError, UnicodeDecodeError):
-        fixed = text
-    return " ".join(fixed.replace("\u2019", "'").replace("\x92", "'").split())

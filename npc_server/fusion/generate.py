@@ -96,7 +96,7 @@ class Plan:
 
     label: str
     split: str
-    shows: dict[str, str]  # modality -> shown emotion; "voice" also supplies the words it says
+    shows: dict[str, str]  # modality -> shown emotion; "words": a spoken line's emotion when not the voice's
     tags: list[str]
 
 

@@ -28,7 +28,7 @@ import platform
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from npc_server.fusion.data import Dataset
 from npc_server.fusion.features import FEATURE_NAMES, FEATURE_VERSION, MODALITIES
 from npc_server.fusion.metrics import evaluate_all
-from npc_server.fusion.model import METHODS, FusionConfig, FusionSuite, Outputs, save_suite
+from npc_server.fusion.model import METHODS, FusionConfig, FusionSuite, LateFusion, Outputs, save_suite
 from npc_server.perception.types import EMOTIONS
 
 VAL_SHARE = 0.15
@@ -168,8 +168,25 @@ def prepare(suite: FusionSuite, train: Dataset) -> None:
     for j, m in enumerate(MODALITIES):
         for norm in suite.norms(m):
             norm.fit(train.x[m][train.present[:, j]])
-        suite.member(m).prior_log_probs.copy_(prior)
-        suite.member(m).prior_affect.copy_(affect)
+        for k in range(suite.cfg.ensemble):
+            suite.member(m, k).prior_log_probs.copy_(prior)
+            suite.member(m, k).prior_affect.copy_(affect)
+
+
+def train_copy(suite: FusionSuite, k: int, train: Dataset, val: Dataset, cfg: TrainConfig, log: Log) -> dict[str, Any]:
+    """Train the k-th copy of every method, seeded cfg.seed + k; returns each fit's summary."""
+    cfg = replace(cfg, seed=cfg.seed + k)
+    fits = {"attention": fit(suite.copies("attention")[k], train, val, cfg)}
+    for j, m in enumerate(MODALITIES):
+        has = lambda d, j=j: d.where(lambda i: bool(d.present[i, j]))  # noqa: E731
+        fits[m] = fit(suite.member(m, k), has(train), has(val), cfg)
+    late = cast(LateFusion, suite.copies("late")[k])
+    fits["late"] = fit(late, train, val, cfg, params=[late.log_reliability], train_mode=False)
+    weights = late.log_reliability.exp().tolist()
+    reliability = ", ".join(f"{m} {w:.2f}" for m, w in zip(MODALITIES, weights, strict=True))
+    log(f"copy {k + 1}/{suite.cfg.ensemble}: " + "; ".join(_fit_line(name, f) for name, f in fits.items()))
+    log(f"    late-fusion reliabilities: {reliability}")
+    return {name: {key: v for key, v in f.items() if key != "history"} for name, f in fits.items()}
 
 
 def train_suite(
@@ -182,61 +199,34 @@ def train_suite(
     train, val, test = split(ds, cfg.seed)
     log(f"rows: {len(train)} train, {len(val)} validation, {len(test)} test")
     prepare(suite, train)
-    fits: dict[str, Any] = {}
-    fits["attention"] = fit(suite.attention, train, val, cfg)
-    log(_fit_line("attention", fits["attention"]))
-    for j, m in enumerate(MODALITIES):
-        has = lambda d, j=j: d.where(lambda i: bool(d.present[i, j]))  # noqa: E731
-        fits[m] = fit(suite.member(m), has(train), has(val), cfg)
-        log(_fit_line(m, fits[m]))
-    late = suite.late
-    fits["late"] = fit(late, train, val, cfg, params=[late.log_reliability], train_mode=False)
-    log(_fit_line("late", fits["late"]) + f"; reliabilities {late.log_reliability.exp().tolist()}")
+    fits = [train_copy(suite, k, train, val, cfg, log) for k in range(suite.cfg.ensemble)]
     suite.eval()
     val_metrics, test_metrics = evaluate_all(suite, val), evaluate_all(suite, test)
     decider = test_metrics or val_metrics
     runtime = max(("late", "attention"), key=lambda name: (decider["all"][name]["macro_f1"], name == "late"))
+    copies = {}
+    if len(test):  # how much one trained copy's numbers vary: the reason for the ensemble
+        copies = {kind: [copy_macro_f1(c, test) for c in suite.copies(kind)] for kind in ("late", "attention")}
     report = {
         "rows": {"train": len(train), "validation": len(val), "test": len(test)},
-        "fits": {k: {kk: vv for kk, vv in v.items() if kk != "history"} for k, v in fits.items()},
+        "fits": fits,
         "validation": {name: val_metrics["all"][name]["macro_f1"] for name in METHODS},
         "runtime_method": runtime,
         "selected_on": "test" if test_metrics else "validation",
+        "copies_macro_f1": copies,
         "test": test_metrics,
     }
     return suite, report
 
 
-def seed_study(ds: Dataset, seeds: Iterable[int], cfg: TrainConfig, log: Log = print) -> dict[str, Any]:
-    """Train again with other seeds: held-out macro F1 (all rows) and accuracy (disagreeing rows) per method."""
-    out: dict[str, Any] = {"seeds": [], "macro_f1": {m: [] for m in METHODS}}
-    out["disagree_accuracy"] = {m: [] for m in METHODS}
-    for seed in seeds:
-        _, report = train_suite(ds, replace(cfg, seed=seed), log=lambda _: None)
-        if not report["test"]:
-            break
-        out["seeds"].append(seed)
-        for m in METHODS:
-            out["macro_f1"][m].append(report["test"]["all"][m]["macro_f1"])
-            if "disagree" in report["test"]:
-                out["disagree_accuracy"][m].append(report["test"]["disagree"][m]["accuracy"])
-        log(f"seed {seed}: " + ", ".join(f"{m} {out['macro_f1'][m][-1]:.3f}" for m in METHODS))
-    return out
+def copy_macro_f1(model: nn.Module, ds: Dataset) -> float:
+    from npc_server.fusion.metrics import classification_report, predict
 
-
-def seed_table(study: dict[str, Any]) -> str:
-    """Markdown: mean and standard deviation over the seeds of seed_study."""
-    n = len(study["seeds"])
-    lines = [f"| method | macro F1, mean ± sd ({n} seeds) | disagreeing accuracy, mean ± sd |", "|---|---|---|"]
-    for m in METHODS:
-        f1, dis = np.array(study["macro_f1"][m]), np.array(study["disagree_accuracy"][m])
-        dis_cell = f"{dis.mean():.3f} ± {dis.std():.3f}" if dis.size else "-"
-        lines.append(f"| {m} | {f1.mean():.3f} ± {f1.std():.3f} | {dis_cell} |")
-    return "\n".join(lines)
+    return float(classification_report(ds.labels, predict(model, ds)["probs"].argmax(axis=1))["macro avg"]["f1"])
 
 
 def _fit_line(name: str, f: dict[str, Any]) -> str:
-    return f"{name}: {f['epochs']} epochs, best {f['best_epoch']} (validation loss {f['best_val_loss']})"
+    return f"{name} {f['epochs']} epochs (best {f['best_epoch']})"
 
 
 def checkpoint_info(report: dict[str, Any], cfg: TrainConfig, manifest: Path | None) -> dict[str, Any]:
@@ -253,7 +243,7 @@ def checkpoint_info(report: dict[str, Any], cfg: TrainConfig, manifest: Path | N
         "training": {
             **asdict(cfg),
             "rows": report["rows"],
-            "epochs": {k: v["epochs"] for k, v in report["fits"].items()},
+            "epochs": [{name: f["epochs"] for name, f in fits.items()} for fits in report["fits"]],
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "machine": machine(),
             "torch": torch.__version__,
@@ -273,6 +263,7 @@ def save_checkpoint(suite: FusionSuite, folder: Path, report: dict[str, Any], in
 
     save_suite(suite, folder, info)
     metrics = {"note": METRICS_NOTE, "runtime_method": report["runtime_method"], "rows": report["rows"]}
+    metrics["copies_macro_f1"] = report["copies_macro_f1"]
     for subset, by_method in report["test"].items():
         keep = subset == "all"
         metrics[subset] = {m: {k: v for k, v in r.items() if keep or k != "report"} for m, r in by_method.items()}

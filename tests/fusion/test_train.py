@@ -20,12 +20,12 @@ from npc_server.fusion.data import (
     build_dataset,
     label_affect,
     load_manifest,
-    meld_manifest,
     read_manifest,
     synthetic_face_reading,
 )
 from npc_server.fusion.features import INPUT_DIMS, face_vector
 from npc_server.fusion.generate import make_dataset, synthetic_face
+from npc_server.fusion.meld import meld_manifest
 from npc_server.fusion.metrics import classification_report, format_report
 from npc_server.fusion.model import METHODS, FusionConfig, FusionSuite
 from npc_server.fusion.train import TrainConfig, class_weights, evaluate_loss, fit, prepare, split, train_suite
