@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from npc_server.errors import NpcError
 from npc_server.llm.engine import GenerationStats, Message, SamplingParams
-from npc_server.llm.local import LocalEngine, first_stop, sample
+from npc_server.llm.local import Detokenizer, LocalEngine, sample
 
 log = logging.getLogger(__name__)
 Write = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (layer, k, v) -> all keys to attend to
@@ -156,8 +156,7 @@ class BatchedEngine(LocalEngine):
         except queue.Full:
             raise EngineBusy("the server is at capacity; retry shortly") from None
         self._wake.set()
-        generated: list[int] = []
-        text = ""
+        text = Detokenizer(self.tokenizer, params.stop)
         try:
             while True:
                 item = seq.out.get()
@@ -165,22 +164,14 @@ class BatchedEngine(LocalEngine):
                     return
                 if isinstance(item, BaseException):
                     raise item
-                if not generated:
+                if not text.ids:
                     stats.first_token_ms = (time.perf_counter() - started) * 1000
-                generated.append(item)
-                full = str(self.tokenizer.decode(generated, skip_special_tokens=False))
-                if full.endswith("\ufffd"):
-                    continue
-                delta, text = full[len(text) :], full
-                hit = first_stop(text, params.stop)
-                if hit is not None:
-                    keep = hit - (len(text) - len(delta))
-                    if keep > 0:
-                        yield delta[:keep]
-                    stats.finish_reason = "stop"
-                    return
+                delta = text.push(item)
                 if delta:
                     yield delta
+                if text.stopped:
+                    stats.finish_reason = "stop"
+                    return
         finally:
             cancel.set()  # a consumer that stopped early (stop string, guard, client gone) frees the slot
             self._wake.set()

@@ -94,8 +94,7 @@ class LocalEngine:
         input_ids = torch.tensor([prompt])
         seen = torch.tensor(prompt)
         past = None
-        generated: list[int] = []
-        text = ""
+        text = Detokenizer(self.tokenizer, params.stop)
         stats.finish_reason = "length"
         for step in range(max_new):
             if cancel.is_set():
@@ -110,28 +109,39 @@ class LocalEngine:
             if token in self._stop_ids:
                 stats.finish_reason = "stop"
                 return
-            generated.append(token)
-            stats.completion_tokens = len(generated)
+            stats.completion_tokens = step + 1
             seen = torch.cat([seen, torch.tensor([token])])
             input_ids = torch.tensor([[token]])
-            full = str(self.tokenizer.decode(generated, skip_special_tokens=False))
-            if full.endswith("\ufffd"):  # an unfinished multi-byte character: wait for the next token
-                continue
-            delta, text = full[len(text) :], full
-            hit = first_stop(text, params.stop)
-            if hit is not None:
-                keep = hit - (len(text) - len(delta))
-                if keep > 0:
-                    yield delta[:keep]
-                stats.finish_reason = "stop"
-                return
+            delta = text.push(token)
             if delta:
                 yield delta
+            if text.stopped:
+                stats.finish_reason = "stop"
+                return
 
 
-def first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
+class Detokenizer:
+    """Generated token ids to text deltas: holds back an unfinished multi-byte character and cuts the text
+    at the first stop string (which is never emitted)."""
+
+    def __init__(self, tokenizer: Any, stops: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.ids: list[int] = []
+        self.text = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        full = str(self.tokenizer.decode(self.ids, skip_special_tokens=False))
+        if full.endswith("\ufffd"):
+            return ""
+        delta, self.text = full[len(self.text) :], full
+        hits = [i for i in (full.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            return delta[: max(0, min(hits) - (len(full) - len(delta)))]
+        return delta
 
 
 def sample(
