@@ -221,7 +221,8 @@ async def main_async(args: argparse.Namespace) -> list[Row]:
                         "multimodal", n, args.turns, lambda p, t: npc_turn(client, server.url, p, t, media)
                     )
                     rows.append(summarise("npc-server", "face+voice", n, samples, errors, wall))
-                rows[-1].peak_rss_mib = peak_rss_mib(server.proc.pid)
+                for row in rows[-2:]:
+                    row.peak_rss_mib = row.peak_rss_mib or peak_rss_mib(server.proc.pid)
                 print(render([rows[-1]]), file=sys.stderr)
             if peer is not None and peer.start():
                 for n in args.players:
