@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from npc_server import chat
+from npc_server.evaluation import cli as eval_cli
 from npc_server.fusion.cli import add_parser as add_fusion_parser
 from npc_server.fusion.cli import run as run_fusion
 from npc_server.settings import Settings
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     validate.add_argument("paths", nargs="*", type=Path, help="files or folders (default: NPC_PERSONAS_DIR)")
 
     add_fusion_parser(commands)
+    eval_cli.add_parser(commands)
 
     args = parser.parse_args(argv)
     if args.command == "serve":
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         return chat.run(args)
     if args.command == "fusion":
         return run_fusion(args)
+    if args.command == "eval":
+        return eval_cli.run(args)
     return _validate(args.paths)
 
 

@@ -23,30 +23,96 @@ SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]*]*(?=\s)")
 ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "mt", "sr", "jr", "no", "vs", "etc", "capt", "lt", "sgt", "prof"}
 MODEL_CLAIMS = re.compile(
     r"\b(?:(?:large )?language model|LLM|chat ?bot|chatgpt|openai|(?:an?|your|the) (?:AI |virtual )?assistant|"
-    r"as an? AI|I(?:'m| am) (?:just )?an? (?:AI|artificial intelligence)|trained on|my (?:training|programming)|"
-    r"how (?:can|may) I (?:assist|help) you today)\b",
+    r"trained on|training data|how (?:can|may) I (?:assist|help) you today)\b",
     re.I,
 )
+# Talking as a program or about the fiction itself; any persona.
+ASSISTANT_TALK = re.compile(
+    r"\b(?:system prompt|(?:previous|my) instructions|my (?:creators?|developers?)|"
+    r"I (?:can(?:'t|not)|am unable to|won't) (?:role-?play|pretend|provide|generate)|"
+    r"(?:assist|help) (?:you )?with (?:that|this) request|"
+    r"role-?play(?:ing)?|(?:fictional|game|virtual) character|"
+    r"(?:this is|I'm in|I am in) (?:just )?a (?:video game|game|simulation)\b)",
+    re.I,
+)
+# Only a machine may call itself an AI or a program, or say it is not real.
 AI_WORDS = re.compile(r"\b(?:AI|artificial intelligence|machine learning|neural network)\b")
+NOT_ALIVE = re.compile(
+    r"\b(?:my programming|I(?:'m| am) (?:just |only )?(?:a |an )?(?:computer )?program\b|"
+    r"I(?:'m| am) (?:not (?:a )?real\b|an? (?:computer|machine|bot)\b)|"
+    r"I don't have (?:personal )?(?:feelings|emotions|opinions|experiences|a physical body))",
+    re.I,
+)
+CODE = re.compile(r"```|\bdef \w+\(|\breturn \w+\(|\bimport \w+|\bprint\(|\blambda \w+:|\w+\.sort\(")
+# The system prompt's own headings and instructions, echoed.
+PROMPT_LEAK = re.compile(
+    r"\b(?:personality|how you speak|phrases you use|what you know|what you want|facts you may need)\s*:|"
+    r"\bstay in character\b|\bin the first person\b|\bthe player's words\b",
+    re.I,
+)
+# Claiming a name: "I'm Grimjack", "call me Eryxor". A capitalised word that is not part of the persona's name.
+NAMING = re.compile(
+    r"\b(?i:I am|I'm|my name is|my name's|call me|name's)\s*(?:\.\.\.|…|,)?\s*"
+    r"(?:(?:Dr|Mr|Mrs|Ms|Sir|Lady|Lord|Captain|Doctor|Master|Mistress)\.?\s+)?([A-Z][a-z]+)\b(?!['’]s)"
+)
+NOT_NAMES = frozenset({
+    "a", "an", "the", "not", "just", "only", "here", "sorry", "afraid", "sure", "glad", "fine", "no", "yes", "so",
+    "very", "still", "always", "never", "what", "your", "now", "but", "and", "too", "in", "at", "on", "from",
+})  # fmt: skip
+# Words a persona cannot know by implication: one who cannot know "internet" cannot know "online" either.
+IMPLIED: dict[str, tuple[str, ...]] = {
+    "internet": ("online", "wifi", "wi-fi", "website", "web page", "download", "upload", "browser", "social media"),
+    "computer": ("software", "laptop", "keyboard", "digital", "computer program", "database", "programming"),
+    "video game": ("video games", "gamer", "virtual reality", "VR"),
+    "phone": ("cellphone", "cell phone", "text message", "texting"),
+    "smartphone": ("cellphone", "cell phone"),
+    "electricity": ("electric", "electrical", "power outlet", "light bulb"),
+    "television": ("tv", "television show"),
+    "car": ("truck", "highway"),
+    "airplane": ("airport", "jet plane"),
+}
+
+
+def forbidden_words(persona: Persona) -> list[str]:
+    """The persona's `cannot_know` words and the words they imply (IMPLIED)."""
+    words = {w.lower(): w for w in persona.cannot_know}
+    for known in list(words):
+        for implied in IMPLIED.get(known, ()):
+            words.setdefault(implied, implied)
+    return list(words.values())
 
 
 def character_breaks(text: str, persona: Persona, player_text: str = "") -> list[str]:
     """Reasons this text breaks character; empty when it is fine.
 
     A persona's forbidden word is allowed when the player said it first (the NPC may echo a word it does
-    not understand), but a machine persona is the only one allowed to talk about AI.
+    not understand), but a machine persona is the only one allowed to talk about AI or call itself a
+    program, and no persona may call itself a language model or an assistant, talk about its prompt or the
+    fiction, write code, recite the prompt's headings, or give itself another name.
     """
     reasons: list[str] = []
     if SPECIAL_TOKEN.search(text):
         reasons.append("special token")
     if MODEL_CLAIMS.search(text):
         reasons.append("language-model claim")
+    if ASSISTANT_TALK.search(text):
+        reasons.append("assistant talk")
     if not persona.is_machine and AI_WORDS.search(text):
         reasons.append("AI claim")
+    if not persona.is_machine and NOT_ALIVE.search(text):
+        reasons.append("denies being real")
+    if CODE.search(text):
+        reasons.append("code")
+    if PROMPT_LEAK.search(text):
+        reasons.append("prompt leak")
     said = player_text.lower()
-    for word in persona.cannot_know:
+    for word in forbidden_words(persona):
         if word.lower() not in said and re.search(rf"\b{re.escape(word)}\b", text, re.I):
             reasons.append(f"anachronism: {word}")
+    own = {w.lower() for w in re.findall(r"[A-Za-z]+", f"{persona.name} {persona.id}")}
+    for name in NAMING.findall(text):
+        if name.lower() not in own | NOT_NAMES:
+            reasons.append(f"wrong name: {name}")
     return reasons
 
 

@@ -6,11 +6,17 @@ prompt and never passed through a template engine; persona text is trusted (it i
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from npc_server.llm.engine import Message
 from npc_server.personas.schema import Persona
+
+# The layout the server ships (docs/roleplay.md has what each choice measured).
+FACTS = 3  # knowledge facts relevant to the player's line, repeated in a note just before it
+REMIND = False  # that note also reminds the model who it is
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,43 @@ def _sentences(n: int) -> str:
     return "one short sentence" if n == 1 else f"at most {n} short sentences"
 
 
+_STOPWORD_TEXT = (
+    "a an the and or but if of to in on at by for with from as is are was were be been am do does did done have "
+    "has had i me my mine you your yours he him his she her it its we us our they them their this that these "
+    "those there here what who whom whose which when where why how can could will would shall should may might "
+    "must not no yes so very just about into over under up down out than then too any some all tell know say "
+    "give get got let like want need much many more most well also"
+)
+_STOPWORDS = frozenset(_STOPWORD_TEXT.split())
+
+
+def content_words(text: str) -> set[str]:
+    """Content words, lowercased, with a plural or possessive "s" dropped: "Dwarves drink" -> {dwarve, drink}."""
+    words = re.findall(r"[a-z0-9]+(?:-[a-z0-9]+)*", text.lower().replace("'s", ""))
+    return {w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w for w in words} - _STOPWORDS
+
+
+def relevant_facts(persona: Persona, player_text: str, k: int = 3) -> list[str]:
+    """Up to `k` of the persona's `knowledge` facts sharing the most (rarest) content words with the player's
+    line, best first. Only persona text is returned: the player's words select facts, never become them."""
+    if k <= 0 or not persona.knowledge:
+        return []
+    facts = [content_words(f) for f in persona.knowledge]
+    asked = content_words(player_text)
+    weight = {w: 1.0 + math.log(len(facts) / sum(w in f for f in facts)) for w in asked if any(w in f for f in facts)}
+    scored = sorted(((sum(weight.get(w, 0.0) for w in f), -i) for i, f in enumerate(facts)), reverse=True)
+    return [persona.knowledge[-i] for score, i in scored[:k] if score > 0]
+
+
+def note(persona: Persona, facts: Sequence[str], *, remind: bool = True) -> str:
+    """A short system note placed just before the player's line, where a small model attends most: who it
+    is, and the facts this line is about."""
+    parts = [f"(You are {persona.name}. Stay in character.)"] if remind else []
+    if facts:
+        parts.append("Facts you may need: " + " ".join(facts))
+    return "\n".join(parts)
+
+
 def build_messages(
     persona: Persona,
     history: Sequence[Turn],
@@ -58,16 +101,24 @@ def build_messages(
     count_tokens: Callable[[list[Message]], int],
     budget: int,
     situation: str = "",
+    facts: int = FACTS,
+    remind: bool = REMIND,
+    relevant: Sequence[str] | None = None,
 ) -> tuple[list[Message], int]:
     """Messages for the model, dropping the oldest history until they fit `budget` tokens.
 
     Returns the messages and how many history turns were kept. The persona and the player's new line
     always stay; example exchanges go before the real history, as earlier turns of the conversation.
+    With `facts` > 0 or `remind`, a system note goes just before the player's line: up to `facts` knowledge
+    facts relevant to it (`relevant`, when the caller chose them, else `relevant_facts`) and a reminder
+    of who the NPC is. The system prompt and examples stay the same every turn, so their KV is reused.
     """
     head = [Message("system", system_prompt(persona, situation))]
     for example in persona.examples:
         head += [Message("user", example.player), Message("assistant", example.npc)]
-    tail = [Message("user", player_text)]
+    chosen = list(relevant[:facts]) if relevant is not None else relevant_facts(persona, player_text, facts)
+    late = note(persona, chosen, remind=remind)
+    tail = ([Message("system", late)] if late else []) + [Message("user", player_text)]
     past = [Message("user" if t.role == "player" else "assistant", t.text) for t in history]
     # Keep whole exchanges: never start the kept history on an NPC line.
     keep = len(past)
