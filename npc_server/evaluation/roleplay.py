@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import platform
 import re
-import sys
 import time
 import uuid
 import zlib
@@ -49,6 +47,7 @@ from npc_server.dialogue.service import (
     TurnService,
 )
 from npc_server.llm.engine import EngineRunner, GenerationStats, Message, SamplingParams
+from npc_server.machine import machine
 from npc_server.personas.prompt import Turn, build_messages, relevant_facts, system_prompt
 from npc_server.personas.schema import Persona
 
@@ -593,20 +592,6 @@ def markdown(report: dict[str, Any]) -> str:
             cells += [_cell(m[k]) for k in ("lore_recall", "length_compliance", "repetition")]
             out.append(f"| {pid} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
-
-
-def machine() -> str:
-    import os
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPU cores ({cpu}), Python {sys.version.split()[0]}"
 
 
 # --- variants and the whole run --------------------------------------------------------------------------

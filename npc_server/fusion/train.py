@@ -23,8 +23,6 @@ import copy
 import datetime as dt
 import hashlib
 import json
-import os
-import platform
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -39,6 +37,7 @@ from npc_server.fusion.data import Dataset
 from npc_server.fusion.features import FEATURE_NAMES, FEATURE_VERSION, MODALITIES
 from npc_server.fusion.metrics import evaluate_all
 from npc_server.fusion.model import METHODS, FusionConfig, FusionSuite, LateFusion, Outputs, save_suite
+from npc_server.machine import machine
 from npc_server.perception.types import EMOTIONS
 
 VAL_SHARE = 0.15
@@ -270,14 +269,3 @@ def save_checkpoint(suite: FusionSuite, folder: Path, report: dict[str, Any], in
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    system = f"{platform.system()} {platform.release()}"
-    return f"{cpu}, {os.cpu_count()} cores, {system}, Python {platform.python_version()}"
