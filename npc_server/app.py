@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -18,9 +19,11 @@ from npc_server.api.middleware import BodyLimit
 from npc_server.dialogue.service import TurnService
 from npc_server.fusion.runtime import AffectFuser
 from npc_server.live.flow import LiveHub
-from npc_server.llm.engine import Engine, EngineRunner
+from npc_server.llm.engine import Engine, EngineRunner, GenerationStats, Message, SamplingParams
 from npc_server.perception.service import Perception
 from npc_server.personas.loader import load_personas
+from npc_server.personas.prompt import fixed_messages
+from npc_server.personas.schema import Persona
 from npc_server.settings import Settings
 from npc_server.state import AppState
 from npc_server.store.sqlite import Store
@@ -59,11 +62,24 @@ def load_engine(settings: Settings) -> Engine:
             context_tokens=settings.context_tokens,
             max_batch=settings.max_batch,
             prefix_cache_tokens=settings.prefix_cache_tokens,
+            int8=settings.int8,
         )
     else:
         engine = LocalEngine(folder, dtype=settings.dtype, context_tokens=settings.context_tokens)
     engine.warm()
     return engine
+
+
+def prefill_personas(engine: Engine, personas: dict[str, Persona]) -> None:
+    """Put every persona's fixed prompt into the engine's prefix cache, so even the first turn with each
+    NPC only computes what follows it (blocking: a worker thread)."""
+    if not getattr(engine, "prefix_cache", None):
+        return
+    params = SamplingParams(temperature=0.0, max_new_tokens=1)
+    for persona in personas.values():
+        messages = [*fixed_messages(persona), Message("user", "Hello.")]
+        for _ in engine.generate(messages, params, GenerationStats(), threading.Event()):
+            pass
 
 
 def load_perception(settings: Settings) -> tuple[Perception, AffectFuser]:
@@ -106,6 +122,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
                 return
             state.perception = perception
             state.service = TurnService(personas, EngineRunner(engine), store, settings, perception, fuser)
+            await timed("prefill_ms", lambda _: prefill_personas(engine, personas))
             state.startup_ms["ready_ms"] = round((time.perf_counter() - started) * 1000, 1)
             log.info("ready in %.1f s (model %s)", time.perf_counter() - started, engine.name)
 

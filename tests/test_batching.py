@@ -1,4 +1,5 @@
-"""Continuous batching and prefix caching change nothing a session gets (compared in fp32, greedy)."""
+"""Continuous batching and prefix caching change nothing a session gets (compared in fp32, greedy); the
+int8 weights for small batches stay close to the model's own."""
 
 from __future__ import annotations
 
@@ -6,11 +7,18 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+import torch
+import torch.nn.functional as F
 
+from npc_server.app import prefill_personas
 from npc_server.llm.batched import BatchedEngine
 from npc_server.llm.engine import GenerationStats, Message, SamplingParams
+from npc_server.llm.llama import INT8_ROWS, Weight
 from npc_server.llm.local import LocalEngine
 from npc_server.llm.weights import resolve_model
+from npc_server.personas.loader import load_personas
+from npc_server.personas.prompt import build_messages, fixed_messages
+from npc_server.settings import DEFAULT_PERSONAS
 from tests.conftest import MODEL_CACHE
 
 SYSTEM = Message("system", "You are Brokk, a gruff dwarven blacksmith of the Greyhorn Mountains.")
@@ -105,3 +113,37 @@ def test_prefix_cached_equals_uncached(folder, reference) -> None:  # type: igno
         assert uncached.prefix_cache.hits == 0
     finally:
         uncached.close()
+
+
+def test_persona_prefixes_are_prefilled_at_start(folder) -> None:  # type: ignore[no-untyped-def]
+    personas, _ = load_personas(DEFAULT_PERSONAS)
+    engine = BatchedEngine(folder, max_batch=2)
+    try:
+        prefill_personas(engine, personas)
+        for persona in personas.values():
+            messages, _ = build_messages(
+                persona, [], "Hello there!", count_tokens=engine.count_tokens, budget=1500, situation="You feel calm."
+            )
+            stats = GenerationStats()
+            for _ in engine.generate(
+                messages, SamplingParams(temperature=0.0, max_new_tokens=1), stats, threading.Event()
+            ):
+                pass
+            # The first turn with each NPC computes only what follows its fixed prompt.
+            assert stats.extra["prefix_reused_tokens"] >= engine.count_tokens(fixed_messages(persona)) - 3
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_int8_weights_stay_close_to_the_model_weights(rows: int) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(256, 128, dtype=torch.bfloat16)
+    x = torch.randn(rows, 128, dtype=torch.bfloat16)
+    exact = F.linear(x.float(), w.float())
+    int8 = Weight(w, int8=True)
+    assert int8.q is not None and int8.q.dtype == torch.int8
+    error = (int8(x).float() - exact).norm() / exact.norm()
+    assert error < 0.02
+    wide = torch.randn(INT8_ROWS + 1, 128, dtype=torch.bfloat16)
+    assert torch.equal(int8(wide), F.linear(wide, w))  # larger batches use the model's own weights

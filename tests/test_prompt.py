@@ -44,3 +44,13 @@ def test_oldest_history_is_dropped_to_fit_the_budget() -> None:
 def test_tiny_budget_keeps_persona_and_player_line() -> None:
     messages, kept = build_messages(BROKK, [Turn("player", "hi")], "Now?", count_tokens=words, budget=10)
     assert kept == 0 and messages[0].role == "system" and messages[-1].content == "Now?"
+
+
+def test_situation_goes_in_the_late_note_and_the_system_prompt_stays_the_same() -> None:
+    calm, _ = build_messages(BROKK, [], "Hello.", count_tokens=words, budget=4000)
+    angry, _ = build_messages(
+        BROKK, [], "Hello.", count_tokens=words, budget=4000, situation="The player is clearly angry."
+    )
+    assert calm[0] == angry[0]  # the persona prefix is byte-identical, so its KV cache is reused
+    assert angry[-2].role == "system" and angry[-2].content.endswith("The player is clearly angry.")
+    assert angry[-1].content == "Hello."

@@ -130,7 +130,7 @@ def update_mood(previous: NpcMood | None, affect: FusedAffect | None, temperamen
 
 
 def affect_note(affect: FusedAffect | None, mood: NpcMood) -> str:
-    """A short sentence for the system prompt, from fixed words only (never the player's text)."""
+    """A short sentence for the prompt, from fixed words only (never the player's text)."""
     if affect is None or not affect.modalities or affect.confidence < 0.15:
         player = "You cannot tell how the player feels."
     else:

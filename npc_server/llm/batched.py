@@ -17,20 +17,18 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from npc_server.errors import NpcError
 from npc_server.llm.engine import GenerationStats, Message, SamplingParams
+from npc_server.llm.llama import PackedLlama
 from npc_server.llm.local import Detokenizer, LocalEngine, sample
 
 log = logging.getLogger(__name__)
-Write = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (layer, k, v) -> all keys to attend to
-Read = Callable[[int], torch.Tensor]  # layer -> all values to attend to
 
 
 class EngineBusy(NpcError):
@@ -100,6 +98,7 @@ class BatchedEngine(LocalEngine):
         max_waiting: int = 64,
         prefix_cache_tokens: int = 16384,
         prefill_chunk: int = 256,
+        int8: bool = False,
     ) -> None:
         super().__init__(folder, dtype=dtype, context_tokens=context_tokens)
         config = self.model.config
@@ -107,14 +106,11 @@ class BatchedEngine(LocalEngine):
             raise ValueError(f"the batched engine runs Llama-architecture models, not {config.model_type}")
         self.max_concurrency = max_batch + max_waiting
         self.max_batch = max_batch
-        self._layers = self.model.model.layers
-        self._heads = config.num_attention_heads
-        self._kv_heads = config.num_key_value_heads
-        self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // self._heads
-        shape = (max_batch, self._kv_heads, self.context_tokens, self._head_dim)
+        self.packed = PackedLlama(self.model, int8=int8)
+        shape = (max_batch, self.packed.kv_heads, self.context_tokens, self.packed.head_dim)
         # torch.empty: pages are only touched (and counted in RSS) as sequences fill them.
-        self._k = [torch.empty(shape, dtype=self.dtype) for _ in self._layers]
-        self._v = [torch.empty(shape, dtype=self.dtype) for _ in self._layers]
+        self._k = [torch.empty(shape, dtype=self.dtype) for _ in self.packed.layers]
+        self._v = [torch.empty(shape, dtype=self.dtype) for _ in self.packed.layers]
         # Positions below this per-slot mark hold finite values. A decode step attends (masked) over every
         # slot up to the longest sequence, and never-written memory could hold NaN, which masking does not
         # cancel; so each slot is zeroed up to the longest length as the batch grows.
@@ -312,49 +308,21 @@ class BatchedEngine(LocalEngine):
 
     # --- the model ---------------------------------------------------------------------------------
 
-    def _attend(
-        self, layer: int, h: torch.Tensor, positions: torch.Tensor, write: Write, read: Read, mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Self-attention for hidden states h [B, T, H] at `positions` [B, T]; returns [B, T, H]."""
-        attn = self._layers[layer].self_attn
-        b, t, _ = h.shape
-        q = attn.q_proj(h).view(b, t, self._heads, self._head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(b, t, self._kv_heads, self._head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(b, t, self._kv_heads, self._head_dim).transpose(1, 2)
-        cos, sin = self.model.model.rotary_emb(v, positions)
-        q, k = _rope(q, k, cos, sin)
-        keys, values = write(layer, k, v), read(layer)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-        return attn.o_proj(out.transpose(1, 2).reshape(b, t, self._heads * self._head_dim))
-
-    def _run_layers(
-        self, x: torch.Tensor, positions: torch.Tensor, write: Write, read: Read, mask: torch.Tensor
-    ) -> torch.Tensor:
-        for i, layer in enumerate(self._layers):
-            x = x + self._attend(i, layer.input_layernorm(x), positions, write, read, mask)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return x
-
     def _forward_prefill(self, ids: torch.Tensor, slot: int, start: int) -> torch.Tensor:
         """Prefill ids [T] into `slot` after `start` cached positions; returns the last position's logits [V]."""
-        t = len(ids)
-        end = start + t
+        end = start + len(ids)
         positions = torch.arange(start, end)[None]
         # Query i (absolute position start+i) sees keys 0..start+i.
         mask = (torch.arange(end)[None, :] <= positions[0][:, None])[None, None]
 
-        def write(layer: int, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        def write(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             self._k[layer][slot, :, start:end] = k[0]
             self._v[layer][slot, :, start:end] = v[0]
-            return self._k[layer][slot : slot + 1, :, :end]
+            return self._k[layer][slot : slot + 1, :, :end], self._v[layer][slot : slot + 1, :, :end]
 
-        def read(layer: int) -> torch.Tensor:
-            return self._v[layer][slot : slot + 1, :, :end]
-
-        x = self.model.model.embed_tokens(ids[None])
-        x = self._run_layers(x, positions, write, read, mask)
+        hidden = self.packed.forward(ids[None], positions, write, mask)
         self._finite[slot] = max(self._finite[slot], end)
-        return self.model.lm_head(self.model.model.norm(x[:, -1]))[0]
+        return self.packed.logits(hidden[0, -1])
 
     def _forward_decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One step for the active slots 0..B-1: tokens [B] at positions [B]; returns logits [B, V]."""
@@ -369,24 +337,10 @@ class BatchedEngine(LocalEngine):
         slots = torch.arange(b)
         mask = (torch.arange(longest)[None, :] <= positions[:, None])[:, None, None, :]
 
-        def write(layer: int, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        def write(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             self._k[layer][slots, :, positions] = k[:, :, 0]
             self._v[layer][slots, :, positions] = v[:, :, 0]
-            return self._k[layer][:b, :, :longest]
+            return self._k[layer][:b, :, :longest], self._v[layer][:b, :, :longest]
 
-        def read(layer: int) -> torch.Tensor:
-            return self._v[layer][:b, :, :longest]
-
-        x = self.model.model.embed_tokens(tokens[:, None])
-        x = self._run_layers(x, positions[:, None], write, read, mask)
-        return self.model.lm_head(self.model.model.norm(x[:, -1]))
-
-
-def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    cos, sin = cos[:, None], sin[:, None]
-
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-    return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
+        hidden = self.packed.forward(tokens[:, None], positions[:, None], write, mask)
+        return self.packed.logits(hidden[:, -1])

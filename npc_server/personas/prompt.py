@@ -27,8 +27,8 @@ class Turn:
     text: str
 
 
-def system_prompt(persona: Persona, situation: str = "") -> str:
-    """The persona, written in the second person. `situation` is server-made text (affect, mood)."""
+def system_prompt(persona: Persona) -> str:
+    """The persona, written in the second person. It is the same every turn, so its KV is computed once."""
     p = persona
     lines = [
         f"You are {p.name}, {p.role}. {p.setting}",
@@ -47,8 +47,6 @@ def system_prompt(persona: Persona, situation: str = "") -> str:
         f"Stay in character as {p.name}, {who}. Speak only as {p.name}, in the first person, "
         f"and never write the player's words. Answer in {_sentences(p.reply.max_sentences)}."
     )
-    if situation:
-        lines.append(situation)
     return "\n".join(lines)
 
 
@@ -84,13 +82,25 @@ def relevant_facts(persona: Persona, player_text: str, k: int = 3) -> list[str]:
     return [persona.knowledge[-i] for score, i in scored[:k] if score > 0]
 
 
-def note(persona: Persona, facts: Sequence[str], *, remind: bool = True) -> str:
+def note(persona: Persona, facts: Sequence[str], *, remind: bool = True, situation: str = "") -> str:
     """A short system note placed just before the player's line, where a small model attends most: who it
-    is, and the facts this line is about."""
+    is, the facts this line is about, and `situation` (server-made text: how the player seems, how the NPC
+    feels). What changes from turn to turn goes here, after everything whose KV is reused."""
     parts = [f"(You are {persona.name}. Stay in character.)"] if remind else []
     if facts:
         parts.append("Facts you may need: " + " ".join(facts))
+    if situation:
+        parts.append(situation)
     return "\n".join(parts)
+
+
+def fixed_messages(persona: Persona) -> list[Message]:
+    """The part of every prompt for this persona that never changes: the system prompt, then the example
+    exchanges as earlier turns of the conversation."""
+    head = [Message("system", system_prompt(persona))]
+    for example in persona.examples:
+        head += [Message("user", example.player), Message("assistant", example.npc)]
+    return head
 
 
 def build_messages(
@@ -109,15 +119,14 @@ def build_messages(
 
     Returns the messages and how many history turns were kept. The persona and the player's new line
     always stay; example exchanges go before the real history, as earlier turns of the conversation.
-    With `facts` > 0 or `remind`, a system note goes just before the player's line: up to `facts` knowledge
-    facts relevant to it (`relevant`, when the caller chose them, else `relevant_facts`) and a reminder
-    of who the NPC is. The system prompt and examples stay the same every turn, so their KV is reused.
+    A system note goes just before the player's line: up to `facts` knowledge facts relevant to it
+    (`relevant`, when the caller chose them, else `relevant_facts`), a reminder of who the NPC is when
+    `remind`, and the `situation`. The system prompt and examples stay the same every turn, so their KV is
+    reused.
     """
-    head = [Message("system", system_prompt(persona, situation))]
-    for example in persona.examples:
-        head += [Message("user", example.player), Message("assistant", example.npc)]
+    head = fixed_messages(persona)
     chosen = list(relevant[:facts]) if relevant is not None else relevant_facts(persona, player_text, facts)
-    late = note(persona, chosen, remind=remind)
+    late = note(persona, chosen, remind=remind, situation=situation)
     tail = ([Message("system", late)] if late else []) + [Message("user", player_text)]
     past = [Message("user" if t.role == "player" else "assistant", t.text) for t in history]
     # Keep whole exchanges: never start the kept history on an NPC line.

@@ -1,0 +1,126 @@
+"""A Llama decoder laid out for small-batch decoding on the CPU.
+
+transformers' modules cost more in Python dispatch than a 135M model costs in arithmetic: every layer
+runs seven projections, two RMSNorms through float32 and back, and recomputes the rotary table. Here each
+layer is four matrix products (q, k and v fused; gate and up fused), RMSNorm is one fused op, and the
+rotary table is computed once per forward. The weights are the loaded model's own tensors, concatenated
+once at start-up (the model's modules then run on views of the fused tensors).
+
+The caller owns the KV cache: `forward` hands each layer's new keys and values to `write`, which returns
+every key and value to attend to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+# (layer, new keys [B, kv_heads, T, D], new values) -> (all keys, all values) to attend to
+Write = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+INT8_ROWS = 4  # up to this many rows (tokens in a step), the int8 copy is faster; beyond, the native one
+
+
+class Weight:
+    """A projection's weight [out, in], with an optional int8 copy (one scale per output row) for small
+    batches: decoding one to four streams reads half the bytes, and memory bandwidth is what a step costs."""
+
+    def __init__(self, w: torch.Tensor, int8: bool) -> None:
+        self.w = w
+        self.q: torch.Tensor | None = None
+        self.scale = w
+        if int8:
+            wf = w.float()
+            scale = wf.abs().amax(dim=1).clamp(min=1e-12) / 127
+            self.q = torch.round(wf / scale[:, None]).to(torch.int8)
+            self.scale = scale.to(w.dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if self.q is None or rows > INT8_ROWS:
+            return F.linear(x, self.w)
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, x.shape[-1]), self.q, self.scale)
+        return y.view(*x.shape[:-1], -1)
+
+
+@dataclass
+class _Layer:
+    attn_norm: torch.Tensor
+    qkv: Weight  # [(heads + 2 * kv_heads) * head_dim, hidden]
+    out: Weight
+    mlp_norm: torch.Tensor
+    gate_up: Weight  # [2 * intermediate, hidden]
+    down: Weight
+
+
+class PackedLlama:
+    def __init__(self, model: Any, *, int8: bool = False) -> None:
+        config = model.config
+        inner = model.model
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.hidden = config.hidden_size
+        self.eps = config.rms_norm_eps
+        self.rotary = inner.rotary_emb
+        self.embed = inner.embed_tokens.weight
+        self.norm = inner.norm.weight
+        self.lm_head = Weight(model.lm_head.weight, int8)
+        self.layers = []
+        for layer in inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append(
+                _Layer(
+                    attn_norm=layer.input_layernorm.weight,
+                    qkv=Weight(_fuse(attn.q_proj, attn.k_proj, attn.v_proj), int8),
+                    out=Weight(attn.o_proj.weight, int8),
+                    mlp_norm=layer.post_attention_layernorm.weight,
+                    gate_up=Weight(_fuse(mlp.gate_proj, mlp.up_proj), int8),
+                    down=Weight(mlp.down_proj.weight, int8),
+                )
+            )
+        self._split = (self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, write: Write, mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states after the final norm for ids [B, T] at positions [B, T]."""
+        x = F.embedding(ids, self.embed)
+        b, t, _ = x.shape
+        cos, sin = self.rotary(x, positions)
+        cos, sin = cos[:, None], sin[:, None]
+        for i, layer in enumerate(self.layers):
+            h = F.rms_norm(x, (self.hidden,), layer.attn_norm, self.eps)
+            q, k, v = layer.qkv(h).split(self._split, dim=-1)
+            q = _rope(q.view(b, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)
+            k = _rope(k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+            keys, values = write(i, k, v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2))
+            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+            x = x + layer.out(a.transpose(1, 2).reshape(b, t, -1))
+            h = F.rms_norm(x, (self.hidden,), layer.mlp_norm, self.eps)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
+        return F.rms_norm(x, (self.hidden,), self.norm, self.eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+
+def _fuse(*linears: torch.nn.Linear) -> torch.Tensor:
+    """One weight for several projections of the same input. The modules keep working on views of it,
+    so the model is not held twice in memory."""
+    fused = torch.cat([m.weight.detach() for m in linears])
+    start = 0
+    for m in linears:
+        rows = m.weight.shape[0]
+        m.weight = torch.nn.Parameter(fused[start : start + rows], requires_grad=False)
+        start += rows
+    return fused
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
