@@ -1,9 +1,10 @@
 """Load benchmark: npc-server against llama-cpp-python's OpenAI server on the same SmolLM2 GGUF.
 
-    .venv/bin/python -m bench.run [--players 1,4,8,16] [--turns 3] [--no-peer] [--no-multimodal]
+    .venv/bin/python -m bench.run [--players 1,4,8,16] [--turns 3] [--no-peer] [--no-multimodal] [--no-ws]
 
-Starts the server (and the peer) on free ports, drives them with N concurrent simulated players and
-prints a markdown table; JSON and markdown land in bench/results/. Not a pass/fail test.
+Starts the server (and the peer) on free ports, drives them with N concurrent simulated players over HTTP/SSE
+and the live WebSocket (/v1/live) and prints a markdown table; JSON and markdown land in bench/results/.
+Not a pass/fail test.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from websockets.asyncio.client import ClientConnection, connect
 
 from bench.common import Sample, free_port
 from bench.peer import Peer
@@ -47,8 +49,10 @@ class Row:
     players: int
     turns: int = 0
     errors: int = 0
-    ttft_p50: float = 0.0
+    ttft_p50: float = 0.0  # client: request sent -> first streamed text (a whole sentence for npc-server)
     ttft_p95: float = 0.0
+    first_token_p50: float | None = None  # server: timings_ms.first_token_ms; None where the server reports none
+    first_token_p95: float | None = None
     turn_p50: float = 0.0
     turn_p95: float = 0.0
     stream_tps: float = 0.0  # median per-stream decode rate
@@ -144,13 +148,60 @@ async def npc_turn(
                     raise RuntimeError(line)
     end = time.perf_counter()
     assert done is not None
-    stages = done["timings_ms"]
+    return turn_sample(sent, first, end, done, done["timings_ms"])
+
+
+def turn_sample(
+    sent: float, first: float | None, end: float, turn: dict[str, Any], timings: dict[str, float]
+) -> Sample:
+    """One npc-server turn from its client-side clock readings and the server's turn object."""
     return Sample(
         first_ms=((first or end) - sent) * 1000,
         total_ms=(end - sent) * 1000,
-        tokens=done["usage"]["completion_tokens"],
-        stages=stages,
+        tokens=turn["usage"]["completion_tokens"],
+        stages=timings,
     )
+
+
+class LivePlayers:
+    """Each simulated player holds one /v1/live WebSocket session, opened before its first timed turn."""
+
+    def __init__(self, url: str) -> None:
+        self.url = "ws" + url.removeprefix("http") + "/v1/live"
+        self.sockets: dict[int, ClientConnection] = {}
+
+    async def turn(self, player: int, turn: int) -> Sample:
+        ws = self.sockets.get(player)
+        if ws is None:
+            ws = await connect(self.url, open_timeout=60, max_size=16 * 1024 * 1024)
+            self.sockets[player] = ws
+            npc = NPCS[player % len(NPCS)]
+            await ws.send(json.dumps({"type": "session.start", "npc_id": npc, "player_id": f"bench-{player}"}))
+            started = json.loads(await ws.recv())
+            if started["type"] != "session.started":
+                await self.drop(player)
+                raise RuntimeError(f"session.start: {started}")
+        sent = time.perf_counter()
+        first = None
+        await ws.send(json.dumps({"type": "input.text", "text": LINES[(player + turn) % len(LINES)]}))
+        while True:
+            event = json.loads(await asyncio.wait_for(ws.recv(), 300))
+            if event["type"] == "response.text.delta" and first is None:
+                first = time.perf_counter()
+            elif event["type"] == "response.done":
+                return turn_sample(sent, first, time.perf_counter(), event["turn"], event["timings_ms"])
+            elif event["type"] in ("error", "response.cancelled"):
+                await self.drop(player)  # events of the failed turn must not leak into the next one
+                raise RuntimeError(json.dumps(event))
+
+    async def drop(self, player: int) -> None:
+        ws = self.sockets.pop(player, None)
+        if ws is not None:
+            await ws.close()
+
+    async def close(self) -> None:
+        for player in list(self.sockets):
+            await self.drop(player)
 
 
 async def drive(
@@ -176,6 +227,7 @@ async def drive(
 def summarise(system: str, scenario: str, players: int, samples: list[Sample], errors: int, wall: float) -> Row:
     rates = [s.tokens / ((s.total_ms - s.first_ms) / 1000) for s in samples if s.tokens > 1 and s.total_ms > s.first_ms]
     stage_names = sorted({k for s in samples for k in s.stages})
+    first_tokens = [s.stages["first_token_ms"] for s in samples if "first_token_ms" in s.stages]
     row = Row(
         system=system,
         scenario=scenario,
@@ -184,6 +236,8 @@ def summarise(system: str, scenario: str, players: int, samples: list[Sample], e
         errors=errors,
         ttft_p50=pct([s.first_ms for s in samples], 0.5),
         ttft_p95=pct([s.first_ms for s in samples], 0.95),
+        first_token_p50=pct(first_tokens, 0.5) if first_tokens else None,
+        first_token_p95=pct(first_tokens, 0.95) if first_tokens else None,
         turn_p50=pct([s.total_ms for s in samples], 0.5),
         turn_p95=pct([s.total_ms for s in samples], 0.95),
         stream_tps=statistics.median(rates) if rates else 0.0,
@@ -210,20 +264,25 @@ async def main_async(args: argparse.Namespace) -> list[Row]:
     peer = Peer(embedded_gguf(), cache=ROOT / ".cache" / "peer") if args.peer else None
     try:
         async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=64)) as client:
+
+            async def npc_row(scenario: str, n: int, one_turn: Callable[[int, int], Awaitable[Sample]]) -> None:
+                samples, errors, wall = await drive(scenario, n, args.turns, one_turn)
+                row = summarise("npc-server", scenario, n, samples, errors, wall)
+                row.peak_rss_mib = peak_rss_mib(server.proc.pid)  # the high-water mark once this row has run
+                rows.append(row)
+                print(render([row]), file=sys.stderr)
+
             for n in args.players:
                 await npc_turn(client, server.url, 0, 0, None)  # warm the prefix cache for this persona
-                samples, errors, wall = await drive(
-                    "text", n, args.turns, lambda p, t: npc_turn(client, server.url, p, t, None)
-                )
-                rows.append(summarise("npc-server", "text", n, samples, errors, wall))
+                await npc_row("text", n, lambda p, t: npc_turn(client, server.url, p, t, None))
+                if args.ws:
+                    live = LivePlayers(server.url)
+                    try:
+                        await npc_row("text (ws)", n, live.turn)
+                    finally:
+                        await live.close()
                 if media is not None:
-                    samples, errors, wall = await drive(
-                        "multimodal", n, args.turns, lambda p, t: npc_turn(client, server.url, p, t, media)
-                    )
-                    rows.append(summarise("npc-server", "face+voice", n, samples, errors, wall))
-                for row in rows[-2:]:
-                    row.peak_rss_mib = row.peak_rss_mib or peak_rss_mib(server.proc.pid)
-                print(render([rows[-1]]), file=sys.stderr)
+                    await npc_row("face+voice", n, lambda p, t: npc_turn(client, server.url, p, t, media))
             if peer is not None and peer.start():
                 for n in args.players:
                     samples, errors, wall = await drive(
@@ -246,14 +305,16 @@ async def main_async(args: argparse.Namespace) -> list[Row]:
 
 def render(rows: list[Row]) -> str:
     head = (
-        "| system | turns | players | n | errors | first text p50 / p95 ms | turn p50 / p95 ms | "
-        "tokens/s per stream | tokens/s total | peak RSS MiB |\n|---|---|---|---|---|---|---|---|---|---|"
+        "| system | turns | players | n | errors | first text p50 / p95 ms | first token p50 / p95 ms | "
+        "turn p50 / p95 ms | tokens/s per stream | tokens/s total | peak RSS MiB |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for r in rows:
+        first_token = "n/a" if r.first_token_p50 is None else f"{r.first_token_p50:.0f} / {r.first_token_p95 or 0:.0f}"
         lines.append(
             f"| {r.system} | {r.scenario} | {r.players} | {r.turns} | {r.errors} | "
-            f"{r.ttft_p50:.0f} / {r.ttft_p95:.0f} | {r.turn_p50:.0f} / {r.turn_p95:.0f} | "
+            f"{r.ttft_p50:.0f} / {r.ttft_p95:.0f} | {first_token} | {r.turn_p50:.0f} / {r.turn_p95:.0f} | "
             f"{r.stream_tps:.1f} | {r.aggregate_tps:.1f} | {r.peak_rss_mib:.0f} |"
         )
     return "\n".join(lines)
@@ -311,7 +372,8 @@ def write(rows: list[Row], meta: dict[str, Any], peer_note: str) -> None:
         part
         for part in [
             f"Benchmark of {stamp} on {machine}; npc-server ready in {meta['ready_s']} s, "
-            f"idle RSS {meta['idle_rss_mib']} MiB. Peer: {peer_note}.",
+            f"idle RSS {meta['idle_rss_mib']} MiB. Peer: {peer_note}. First text: the client's wait for the first "
+            "streamed text (a whole sentence for npc-server); first token: the server's timings_ms.first_token_ms.",
             render(rows),
             ratios(rows),
             stages_table(rows),
@@ -328,6 +390,7 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=3, help="turns per player per level")
     parser.add_argument("--no-peer", dest="peer", action="store_false")
     parser.add_argument("--no-multimodal", dest="multimodal", action="store_false")
+    parser.add_argument("--no-ws", dest="ws", action="store_false", help="skip the WebSocket (/v1/live) text turns")
     args = parser.parse_args()
     args.players = [int(x) for x in args.players.split(",")]
     asyncio.run(main_async(args))
