@@ -225,7 +225,7 @@ async def drive(
 
 
 def summarise(system: str, scenario: str, players: int, samples: list[Sample], errors: int, wall: float) -> Row:
-    rates = [s.tokens / ((s.total_ms - s.first_ms) / 1000) for s in samples if s.tokens > 1 and s.total_ms > s.first_ms]
+    rates = [s.tokens_per_s for s in samples if s.tokens_per_s]
     stage_names = sorted({k for s in samples for k in s.stages})
     first_tokens = [s.stages["first_token_ms"] for s in samples if "first_token_ms" in s.stages]
     row = Row(

@@ -183,10 +183,13 @@ class BatchedEngine(LocalEngine):
                 continue
             try:
                 self._retire()
-                if self._filling is None:
-                    self._admit()
-                if self._filling is not None:
-                    self._prefill_chunk()
+                budget = self.prefill_chunk  # prompt tokens computed between two decode steps
+                while budget > 0:
+                    if self._filling is None:
+                        self._admit()
+                    if self._filling is None:
+                        break
+                    budget -= self._prefill_chunk(budget)
                 if self._active:
                     self._step()
             except Exception as exc:  # a bug must not leave callers waiting forever
@@ -226,21 +229,21 @@ class BatchedEngine(LocalEngine):
             return
 
     @torch.inference_mode()
-    def _prefill_chunk(self) -> None:
-        """Prefill the next chunk of the filling sequence. Chunks keep the active sequences decoding
-        between them, and a cancel is seen within one chunk."""
+    def _prefill_chunk(self, budget: int) -> int:
+        """Prefill up to `budget` more prompt tokens of the filling sequence; returns how many it computed.
+        Chunks keep the active sequences decoding between them, and a cancel is seen within one chunk."""
         seq = self._filling
         assert seq is not None and seq.seen is not None
         if seq.cancel.is_set():
             seq.stats.finish_reason = "cancelled"
             seq.out.put(None)
             self._filling = None
-            return
-        end = min(len(seq.prompt), seq.length + self.prefill_chunk)
-        logits = self._forward_prefill(seq.seen[seq.length : end], seq.slot, seq.length)
+            return 0
+        start, end = seq.length, min(len(seq.prompt), seq.length + budget)
+        logits = self._forward_prefill(seq.seen[start:end], seq.slot, start)
         seq.length = end
         if end < len(seq.prompt):
-            return
+            return end - start
         slot = len(self._active)
         if seq.slot != slot:  # active sequences left while it filled: move it next to them
             for k, v in zip(self._k, self._v, strict=True):
@@ -255,6 +258,7 @@ class BatchedEngine(LocalEngine):
         self._filling = None
         self._active.append(seq)
         self._emit(seq, logits)
+        return end - start
 
     def _retire(self) -> None:
         """Drop finished or cancelled sequences, moving the last slot into each hole."""
