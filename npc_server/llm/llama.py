@@ -84,21 +84,24 @@ class PackedLlama:
                     down=Weight(mlp.down_proj.weight, int8),
                 )
             )
-        self._split = (self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, write: Write, mask: torch.Tensor) -> torch.Tensor:
         """Hidden states after the final norm for ids [B, T] at positions [B, T]."""
         x = F.embedding(ids, self.embed)
         b, t, _ = x.shape
         cos, sin = self.rotary(x, positions)
-        cos, sin = cos[:, None], sin[:, None]
+        # Rotating half the dims: x * cos + cat(-x2, x1) * sin == x * cos + roll(x, half) * (sin with its
+        # first half negated). [B, T, 1, D], to broadcast over the heads of q and k at once.
+        half = self.head_dim // 2
+        cos, sin = cos[:, :, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, :, None]
+        qk_heads = self.heads + self.kv_heads
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (self.hidden,), layer.attn_norm, self.eps)
-            q, k, v = layer.qkv(h).split(self._split, dim=-1)
-            q = _rope(q.view(b, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)
-            k = _rope(k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
-            keys, values = write(i, k, v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2))
-            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+            qkv = layer.qkv(h).view(b, t, qk_heads + self.kv_heads, self.head_dim)
+            qk = qkv[:, :, :qk_heads]
+            qk = (qk * cos + qk.roll(half, dims=-1) * sin).transpose(1, 2)  # [B, heads + kv_heads, T, D]
+            keys, values = write(i, qk[:, self.heads :], qkv[:, :, qk_heads:].transpose(1, 2))
+            a = F.scaled_dot_product_attention(qk[:, : self.heads], keys, values, attn_mask=mask, enable_gqa=True)
             x = x + layer.out(a.transpose(1, 2).reshape(b, t, -1))
             h = F.rms_norm(x, (self.hidden,), layer.mlp_norm, self.eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
@@ -120,7 +123,3 @@ def _fuse(*linears: torch.nn.Linear) -> torch.Tensor:
         start += rows
     return fused
 
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
