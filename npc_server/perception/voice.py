@@ -4,9 +4,20 @@ Pipeline for a clip (all blocking; the caller runs it in a worker thread):
     bytes --decode_audio--> float32 mono 16 kHz
           --Silero VAD (shipped with faster-whisper)--> speech regions; none -> speech_found False, no ASR
           --librosa yin / rms / mfcc over the speech frames--> Prosody + MFCC statistics
-          --faster-whisper on the speech regions (clip_timestamps)--> words with timestamps
-The VAD runs once: its regions are handed to Whisper as clip_timestamps, the same effect as vad_filter=True
-without a second VAD pass.
+          --Whisper on each speech region--> words with timestamps
+The VAD runs once: Whisper decodes each of its regions on its own, as faster-whisper does with clip_timestamps, the
+same effect as vad_filter=True without a second VAD pass.
+
+Speech recognition: faster-whisper pads every window to Whisper's 30 s, and encoding 30 s is most of the cost of a
+few seconds of speech. Here each region's encoder window is 10 s (_WINDOW_FRAMES: the speech's mel frames, then the
+zero frames faster-whisper pads with), decoding is a beam of 2 without timestamp tokens, and the words' times and
+probabilities come from faster-whisper's own alignment pass (add_word_timestamps), so speaking rate and word
+confidence keep their meaning. Measured against the 30 s window (2-core CPU, int8, 2 threads, medians in one run):
+ASR on a 4 s espeak-ng clip about 170 ms instead of 500 ms; corpus WER over 91 espeak-ng clips (1-18 s, seven
+voices) 0.11 against 0.14, speaking rate about 3% lower (the last word of a region ends some 50 ms later), arousal
+within 0.01 (median). Windows much shorter than 10 s make Whisper repeat itself, so a decode that runs away (more
+tokens than the audio can hold, or text that compresses like a loop) and regions over 30 s go through
+faster-whisper's own 30 s windows instead, the earlier path.
 
 Arousal (0..1) is a fixed weighted sum of four cues, each mapped linearly onto 0..1 between a "calm" and an
 "excited" anchor (see _AROUSAL_CUES), calibrated on espeak-ng renderings of the same sentences:
@@ -38,9 +49,18 @@ VOICE_DIM = PROSODY_DIM + 2 * N_MFCC  # 34: prosody cues, then MFCC means, then 
 
 Word = tuple[str, float, float, float]  # text, start s, end s, probability
 
+_WINDOW_FRAMES = 1000  # encoder window for short speech: 10 s of 10 ms mel frames (Whisper's own is 3000)
+_BEAM_SIZE = 2  # as before; greedy is about 10 ms faster here and misses a few more words (WER 0.13 against 0.11)
+_FULL_FRAMES = 3000  # longer speech than one Whisper window goes to faster-whisper's own loop
+_MAX_TOKENS_PER_SECOND = 12.0  # fast speech is about 8 text tokens a second; more means the decoder is looping
+_MAX_COMPRESSION = 2.4  # faster-whisper's compression_ratio_threshold for repetitive text
+_PREPEND_PUNCTUATION = "\"'“¿([{-"  # faster-whisper's defaults for merging punctuation into words
+_APPEND_PUNCTUATION = "\"'.。,，!！?？:：”)]}、"
+
 _HOP = 256  # 16 ms frames for rms, yin and mfcc alike
 _FRAME = 1024  # yin needs a window holding two periods of fmin
 _FMIN, _FMAX = 60.0, 500.0
+_HOP_MEL = 160  # Whisper's 10 ms mel frames
 _REF_HZ = 100.0  # pitch features are semitones relative to this
 
 # (cue, calm anchor, excited anchor, weight); each cue is ramped onto 0..1 between its anchors.
@@ -68,12 +88,17 @@ class VoiceAnalyzer:
 
     def __init__(self, *, max_bytes: int, max_seconds: float, whisper_threads: int = 1) -> None:
         from faster_whisper import WhisperModel
+        from faster_whisper.tokenizer import Tokenizer
+        from faster_whisper.transcribe import get_suppressed_tokens
 
         self.max_bytes = max_bytes
         self.max_seconds = max_seconds
         self._whisper = WhisperModel(
             str(whisper_model_dir()), device="cpu", compute_type="int8", cpu_threads=whisper_threads
         )
+        self._tokenizer = Tokenizer(self._whisper.hf_tokenizer, self._whisper.model.is_multilingual, "transcribe", "en")
+        self._prompt = self._whisper.get_prompt(self._tokenizer, [], without_timestamps=True)
+        self._suppress = list(get_suppressed_tokens(self._tokenizer, [-1]))  # faster-whisper's default set
 
     def warm(self) -> None:
         """Compile librosa's numba paths and run the VAD and Whisper once, so no request pays for it."""
@@ -153,7 +178,61 @@ class VoiceAnalyzer:
         )
 
     def _transcribe(self, samples: np.ndarray, regions: list[tuple[float, float]]) -> list[Word]:
-        """(word, start s, end s, probability) for the speech regions; the lazy generator is consumed here."""
+        """(word, start s, end s, probability) for the speech regions, each region decoded on its own (as
+        faster-whisper does with clip_timestamps), times on the clip's clock."""
+        words: list[Word] = []
+        for start, end in regions:
+            a, b = round(start * SAMPLE_RATE), round(end * SAMPLE_RATE)
+            found = self._transcribe_window(samples[a:b]) if b - a <= _FULL_FRAMES * _HOP_MEL else None
+            if found is None:
+                words.extend(self._transcribe_full(samples, [(start, end)]))
+            else:
+                offset = a / SAMPLE_RATE
+                words.extend((w, round(offset + t0, 2), round(offset + t1, 2), p) for w, t0, t1, p in found)
+        return words
+
+    def _transcribe_window(self, speech: np.ndarray) -> list[Word] | None:
+        """Beam search over one short encoder window, word times from the alignment pass; None if it runs away."""
+        from faster_whisper.transcribe import get_compression_ratio, get_ctranslate2_storage
+
+        features = self._whisper.feature_extractor(speech)[:, :-1]  # as faster-whisper: the last frame is dropped
+        n = features.shape[1]
+        window = np.zeros((features.shape[0], min(_FULL_FRAMES, max(_WINDOW_FRAMES, n + n % 2))), dtype=np.float32)
+        window[:, :n] = features
+        encoded = self._whisper.model.encode(get_ctranslate2_storage(window[None]))
+        budget = min(int(16 + _MAX_TOKENS_PER_SECOND * speech.size / SAMPLE_RATE), 448 - len(self._prompt))
+        result = self._whisper.model.generate(
+            encoded,
+            [self._prompt],
+            beam_size=_BEAM_SIZE,
+            max_length=len(self._prompt) + budget,
+            suppress_blank=True,
+            suppress_tokens=self._suppress,
+        )[0]
+        tokens = [t for t in result.sequences_ids[0] if t < self._tokenizer.eot]
+        if len(tokens) >= budget or get_compression_ratio(self._tokenizer.decode(tokens)) > _MAX_COMPRESSION:
+            return None
+        if not tokens:
+            return []
+        segments: list[list[dict[str, Any]]] = [[{"seek": 0, "start": 0.0, "end": n / 100.0, "tokens": tokens}]]
+        self._whisper.add_word_timestamps(
+            segments,
+            self._tokenizer,
+            encoded,
+            n,
+            _PREPEND_PUNCTUATION,
+            _APPEND_PUNCTUATION,
+            last_speech_timestamp=0.0,
+        )
+        words: list[Word] = []
+        for w in segments[0][0].get("words", ()):
+            text = w["word"].strip()
+            if text:
+                words.append((text, float(w["start"]), float(w["end"]), float(w["probability"])))
+        return words
+
+    def _transcribe_full(self, samples: np.ndarray, regions: list[tuple[float, float]]) -> list[Word]:
+        """faster-whisper's own loop over 30 s windows (beam search, temperature fallback): long or odd speech."""
         clips = [t for region in regions for t in region]
         segments, _info = self._whisper.transcribe(
             samples,

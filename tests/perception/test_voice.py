@@ -16,6 +16,7 @@ import pytest
 import soundfile as sf
 
 from npc_server.errors import InvalidInput, PayloadTooLarge, UnsupportedMedia
+from npc_server.perception import voice
 from npc_server.perception.audio import SAMPLE_RATE
 from npc_server.perception.voice import VOICE_DIM, VoiceAnalyzer
 
@@ -115,6 +116,51 @@ def test_mp3_named_wav_is_decoded_as_mp3(analyzer: VoiceAnalyzer) -> None:
     reading = analyzer.analyze(to_format(speak(SENTENCES[1], "-s", "160"), "MP3"), filename="clip.wav")
     assert reading.speech_found and reading.transcript
     assert word_error_rate([SENTENCES[1]], [reading.transcript]) < 0.5
+
+
+def test_example_clip_words_and_rate(analyzer: VoiceAnalyzer) -> None:
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "examples", "voice.wav"), "rb") as f:
+        reading = analyzer.analyze(f.read(), filename="voice.wav")
+    assert word_error_rate(["Good morning. I need a new sword for the journey north."], [reading.transcript]) < 0.1
+    assert 3.0 < reading.prosody.speaking_rate_wps < 4.5  # 11 words over about 2.9 s of speech
+
+
+def test_regions_are_decoded_on_the_clips_clock(analyzer: VoiceAnalyzer) -> None:
+    """Two sentences apart by 1.5 s of silence, after 1 s of it: two VAD regions, each decoded in its own window;
+    the words of the second start after the gap and speaking rate does not count the gap."""
+    from npc_server.perception.audio import decode_audio
+
+    first, second = (decode_audio(speak(s, "-s", "160"), max_bytes=5_000_000, max_seconds=30.0) for s in SENTENCES[1:])
+    gap = np.zeros(int(1.5 * SAMPLE_RATE), dtype=np.float32)
+    clip = np.concatenate([gap[:SAMPLE_RATE], first, gap, second])
+    reading = analyzer.analyze_samples(clip)
+    assert word_error_rate([" ".join(SENTENCES[1:])], [reading.transcript]) < WER_BOUND, reading.transcript
+    starts = [w[1] for w in reading.words]
+    assert starts == sorted(starts) and 0.7 < starts[0] < 1.3
+    second_start = (SAMPLE_RATE + first.size + gap.size) / SAMPLE_RATE
+    n_first = len(SENTENCES[1].split())
+    assert all(w[2] <= second_start - 0.9 for w in reading.words[: n_first - 1])
+    assert all(w[1] >= second_start - 0.3 for w in reading.words[n_first + 1 :])
+    assert 2.5 < reading.prosody.speaking_rate_wps < 5.0
+
+
+def test_runaway_decoding_falls_back_to_the_full_window(
+    analyzer: VoiceAnalyzer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Text that compresses like a repetition loop sends the region through faster-whisper's 30 s window."""
+    calls: list[int] = []
+    full = analyzer._transcribe_full
+
+    def counted(samples: np.ndarray, regions: list[tuple[float, float]]) -> list[voice.Word]:
+        calls.append(len(regions))
+        return full(samples, regions)
+
+    monkeypatch.setattr(voice, "_MAX_COMPRESSION", 0.5)  # any text is "repetitive"
+    monkeypatch.setattr(analyzer, "_transcribe_full", counted)
+    reading = analyzer.analyze(speak(SENTENCES[2], "-s", "160"))
+    assert calls == [1]
+    assert word_error_rate([SENTENCES[2]], [reading.transcript]) < 0.5
+    assert 1.0 < reading.prosody.speaking_rate_wps < 8.0
 
 
 @pytest.mark.parametrize("kind", ["silence", "white_noise", "hum"])
