@@ -85,11 +85,12 @@ def rss_mib(pid: int) -> float:
 class Server:
     """npc-server in a subprocess on a free port, with a throwaway data dir and the shared weight cache."""
 
-    def __init__(self) -> None:
+    def __init__(self, candidates: int) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data = tempfile.mkdtemp(prefix="npc-bench-")
         env = {**os.environ, "NPC_DATA_DIR": self.data, "NPC_PORT": str(self.port), "NPC_LOG_LEVEL": "warning"}
+        env["NPC_REPLY_CANDIDATES"] = str(candidates)
         env.setdefault("NPC_CACHE_DIR", str(Path.home() / ".cache" / "npc-server"))
         started = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "-m", "npc_server.cli", "serve"], env=env, cwd=ROOT)
@@ -258,7 +259,7 @@ def bench_media() -> dict[str, bytes]:
 
 async def main_async(args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
-    server = Server()
+    server = Server(args.candidates)
     print(f"npc-server ready in {server.ready_s:.1f} s, idle RSS {server.idle_rss_mib:.0f} MiB", file=sys.stderr)
     media = bench_media() if args.multimodal else None
     peer = Peer(embedded_gguf(), cache=ROOT / ".cache" / "peer") if args.peer else None
@@ -298,7 +299,11 @@ async def main_async(args: argparse.Namespace) -> list[Row]:
         server.close()
         if peer is not None:
             peer.close()
-    rows_meta = {"ready_s": round(server.ready_s, 1), "idle_rss_mib": round(server.idle_rss_mib)}
+    rows_meta = {
+        "ready_s": round(server.ready_s, 1),
+        "idle_rss_mib": round(server.idle_rss_mib),
+        "reply_candidates": args.candidates,
+    }
     write(rows, rows_meta, peer.skipped if peer else "disabled with --no-peer")
     return rows
 
@@ -371,7 +376,8 @@ def write(rows: list[Row], meta: dict[str, Any], peer_note: str) -> None:
     text = "\n\n".join(
         part
         for part in [
-            f"Benchmark of {stamp} on {machine}; npc-server ready in {meta['ready_s']} s, "
+            f"Benchmark of {stamp} on {machine}; npc-server (NPC_REPLY_CANDIDATES={meta['reply_candidates']}) "
+            f"ready in {meta['ready_s']} s, "
             f"idle RSS {meta['idle_rss_mib']} MiB. Peer: {peer_note}. First text: the client's wait for the first "
             "streamed text (a whole sentence for npc-server); first token: the server's timings_ms.first_token_ms.",
             render(rows),
@@ -388,6 +394,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--players", default="1,4,8,16", help="comma-separated concurrency levels")
     parser.add_argument("--turns", type=int, default=3, help="turns per player per level")
+    parser.add_argument(
+        "--candidates",
+        type=int,
+        default=1,
+        help="NPC_REPLY_CANDIDATES for the server (default 1: one reply per turn, the same work as the peer)",
+    )
     parser.add_argument("--no-peer", dest="peer", action="store_false")
     parser.add_argument("--no-multimodal", dest="multimodal", action="store_false")
     parser.add_argument("--no-ws", dest="ws", action="store_false", help="skip the WebSocket (/v1/live) text turns")

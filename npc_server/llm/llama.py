@@ -12,6 +12,8 @@ every key and value to attend to.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,9 +37,11 @@ class Weight:
         self.q: torch.Tensor | None = None
         self.scale = w
         if int8:
-            wf = w.float()
-            scale = wf.abs().amax(dim=1).clamp(min=1e-12) / 127
-            self.q = torch.round(wf / scale[:, None]).to(torch.int8)
+            scale = w.abs().amax(dim=1).float().clamp(min=1e-12) / 127
+            self.q = torch.empty(w.shape, dtype=torch.int8)
+            for rows in range(0, len(w), 1024):  # in blocks: no float32 copy of a whole embedding table
+                block = slice(rows, rows + 1024)
+                self.q[block] = torch.round(w[block].float() / scale[block, None])
             self.scale = scale.to(w.dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,6 +88,7 @@ class PackedLlama:
                     down=Weight(mlp.down_proj.weight, int8),
                 )
             )
+        _give_back_freed_memory()
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, write: Write, mask: torch.Tensor) -> torch.Tensor:
         """Hidden states after the final norm for ids [B, T] at positions [B, T]."""
@@ -123,3 +128,9 @@ def _fuse(*linears: torch.nn.Linear) -> torch.Tensor:
         start += rows
     return fused
 
+
+def _give_back_freed_memory() -> None:
+    """Packing frees the unfused weights and the quantisation's temporaries, but glibc keeps freed heap pages
+    (and counts them in RSS) until asked to return them."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
