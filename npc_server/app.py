@@ -121,7 +121,12 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
                 log.exception("model loading failed; the server stays unready")
                 return
             state.perception = perception
-            state.service = TurnService(personas, EngineRunner(engine), store, settings, perception, fuser)
+            # The text analyzer's sentence embedder scores reply candidates; the personas' voice centroids are
+            # embedded once, here (in a worker thread: it runs the embedder).
+            embed = perception.text.embed if perception is not None else None
+            state.service = await asyncio.to_thread(
+                TurnService, personas, EngineRunner(engine), store, settings, perception, fuser, embed
+            )
             await timed("prefill_ms", lambda _: prefill_personas(engine, personas))
             state.startup_ms["ready_ms"] = round((time.perf_counter() - started) * 1000, 1)
             log.info("ready in %.1f s (model %s)", time.perf_counter() - started, engine.name)

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     top_k: int = Field(40, ge=0, le=1000)
     repetition_penalty: float = Field(1.15, ge=1.0, le=2.0)
     max_new_tokens: int = Field(80, ge=8, le=512)
+    # Replies sampled at once per turn; the one whose first sentence best fits the persona's voice streams on
+    # (docs/roleplay.md). Needs the sentence embedder (perception); fewer are sampled when the engine is busy.
+    reply_candidates: int = Field(4, ge=1, le=8)
     seed: int | None = None  # fixed seed makes sampling repeatable (tests, evaluation)
 
     # Request limits.

@@ -184,3 +184,29 @@ def test_tiny_real_run_reports_every_metric(tmp_path: Path) -> None:
     assert shipped["length_compliance"]["rate"] == 1.0  # the guard trims every reply to the persona's limits
     assert len(report["turns"]["shipped"]) == 8 and all(t["reply"] for t in report["turns"]["shipped"])
     assert "| character breaks |" in markdown(report)
+
+
+def test_rerank_variants_set_the_shipped_setting(tmp_path: Path) -> None:
+    from npc_server.evaluation.roleplay import ServicePipeline, pipelines
+    from npc_server.llm.engine import EngineRunner
+    from npc_server.store.sqlite import Store
+    from tests.conftest import ScriptedEngine
+
+    runner = EngineRunner(ScriptedEngine())
+    made = pipelines(
+        ["shipped", "single", "rerank", "rerank-whole"],
+        {"brokk": BROKK},
+        runner,
+        Store(tmp_path / "eval.sqlite3"),
+        make_settings(tmp_path, reply_candidates=2),
+        embed=lambda texts: np.ones((len(texts), 4), dtype=np.float32) / 2,
+    )
+    services = {name: p.service for name, p in made.items() if isinstance(p, ServicePipeline)}
+    assert {name: s.candidates_now() for name, s in services.items()} == {
+        "shipped": 2,
+        "single": 1,
+        "rerank": 4,
+        "rerank-whole": 4,
+    }
+    assert services["rerank"].choose_on_first_sentence and not services["rerank-whole"].choose_on_first_sentence
+    runner.close()

@@ -5,7 +5,8 @@ Each candidate has already passed the guard (`ReplyFilter`). The score prefers, 
   its best similarity to any other persona's centroid (a reply another NPC could have said scores low);
 - the persona's facts: content words shared with the knowledge facts relevant to the player's line;
 - something new: a reply that mostly repeats the NPC's earlier lines, or parrots the player's, loses;
-- a whole reply: one the guard cut short after a character break loses a little, and so does a bare word.
+- a whole reply: one the guard cut short after a character break loses a little, and so does a bare word
+  (only when it is the whole reply: the server scores first sentences, and "Hmph." is a fine way to start).
 
 Centroids come from text the designer wrote in the persona's voice: example replies, sample phrases,
 greeting and fallback lines (`voice_lines`), embedded once per persona with the same embedder as the replies.
@@ -87,10 +88,11 @@ def score(
     vector: np.ndarray | None = None,
     voice: Voices | None = None,
     cut: bool = False,
+    complete: bool = True,
 ) -> float:
     """Higher is better. `history` is what the NPC said earlier in the conversation, `facts` the knowledge
     facts relevant to the player's line, `vector` the reply's unit embedding, `cut` whether the guard cut
-    the reply short."""
+    the reply short, `complete` whether `text` is the whole reply (else its first sentences)."""
     total = 0.0
     if vector is not None and voice is not None:
         total += W_VOICE * voice_score(vector, voice)
@@ -100,7 +102,7 @@ def score(
     total -= W_REPEAT * _overlap(text, history)
     total -= W_ECHO * _overlap(text, [player_text])
     total -= W_CUT * cut
-    total -= W_SHORT * (len(text.split()) < SHORT_WORDS)
+    total -= W_SHORT * (complete and len(text.split()) < SHORT_WORDS)
     return total
 
 

@@ -1,14 +1,25 @@
-"""One turn of conversation, as a stream of events. HTTP, SSE and WebSocket all run turns through here."""
+"""One turn of conversation, as a stream of events. HTTP, SSE and WebSocket all run turns through here.
+
+With `reply_candidates` N > 1 (and the sentence embedder loaded), a turn samples N replies at once, each
+through its own guard. Each is read up to its first whole, checked sentence; the first sentences are scored
+by `rerank.score` (persona voice, relevant facts, repetition), the winner streams on and the others are
+cancelled, which frees their engine slots. Candidates that break character or fail are dropped. When the
+engine's batch is filling up, turns sample fewer candidates (`candidates_now`).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from npc_server.dialogue import rerank
 from npc_server.dialogue.guard import ReplyFilter
 from npc_server.dialogue.mood import NpcMood, affect_note, update_mood
 from npc_server.errors import NotFound, NpcError
@@ -16,10 +27,14 @@ from npc_server.fusion.model import FusedAffect
 from npc_server.fusion.runtime import AffectFuser
 from npc_server.llm.engine import EngineRunner, GenerationStats, Message, SamplingParams
 from npc_server.perception.service import Perceived, Perception, Upload
-from npc_server.personas.prompt import Turn, build_messages
+from npc_server.personas.prompt import FACTS, Turn, build_messages, relevant_facts
 from npc_server.personas.schema import Persona
 from npc_server.settings import Settings
 from npc_server.store.sqlite import SessionMismatch, Store, TurnRow
+
+log = logging.getLogger(__name__)
+
+Embed = Callable[[list[str]], np.ndarray]  # texts -> unit-length sentence embeddings [N, D]
 
 STOP_STRINGS = ("<|im_start|>", "\nUser:", "\nPlayer:", "\nYou:")
 HISTORY_LIMIT = 64  # turns read from the store; the token budget trims further
@@ -78,6 +93,16 @@ class PreparedTurn:
     timings_ms: dict[str, float]
 
 
+@dataclass(eq=False)
+class _Candidate:
+    """One sampled reply: its own guard, its stats, and its stream of checked sentences."""
+
+    reply: ReplyFilter
+    stats: GenerationStats
+    sentences: AsyncGenerator[str, None]
+    read: list[str] = field(default_factory=list)  # sentences read before the choice
+
+
 def _last_mood(stored: list[TurnRow]) -> NpcMood | None:
     """The NPC's mood after its last reply in this session, if it was recorded."""
     for row in reversed(stored):
@@ -92,6 +117,10 @@ def _ms(since: float) -> float:
 
 
 class TurnService:
+    # How far each candidate is read before the choice: its first sentence (the winner's later sentences then
+    # stream as they are decoded), or, when False, its whole reply (which then arrives all at once).
+    choose_on_first_sentence = True
+
     def __init__(
         self,
         personas: dict[str, Persona],
@@ -100,6 +129,7 @@ class TurnService:
         settings: Settings,
         perception: Perception | None = None,
         fuser: AffectFuser | None = None,
+        embed: Embed | None = None,
     ) -> None:
         self.personas = personas
         self.runner = runner
@@ -107,6 +137,16 @@ class TurnService:
         self.settings = settings
         self.perception = perception
         self.fuser = fuser
+        self.embed = embed
+        # Re-ranking needs the sentence embedder (loaded with perception): most of its gain is the voice term.
+        self.candidates = settings.reply_candidates if embed is not None else 1
+        if settings.reply_candidates > 1 and embed is None:
+            log.info(
+                "NPC_REPLY_CANDIDATES=%d needs the sentence embedder (perception); one candidate per turn",
+                settings.reply_candidates,
+            )
+        self.voices = rerank.voices(personas, embed) if embed is not None and self.candidates > 1 else {}
+        self._live: set[_Candidate] = set()  # candidates decoding now, over all turns
 
     def persona(self, npc_id: str) -> Persona:
         persona = self.personas.get(npc_id)
@@ -191,37 +231,58 @@ class TurnService:
             timings_ms=timings,
         )
 
+    def candidates_now(self) -> int:
+        """Candidates for a turn starting now: `reply_candidates`, fewer when the engine's batch is filling up
+        (extra candidates must not push other players' turns into the engine's queue), and one on an engine
+        that generates one reply at a time."""
+        slots = min(self.settings.max_batch, self.runner.engine.max_concurrency)
+        return max(1, min(self.candidates, slots - len(self._live)))
+
     async def respond(self, turn: PreparedTurn) -> AsyncIterator[TurnEvent]:
         """Generate, guard and store the reply: sentence deltas, then the result."""
         persona, timings = turn.persona, turn.timings_ms
         t = time.perf_counter()
-        reply = ReplyFilter(persona, turn.player_text)
         usage = {"prompt_tokens": 0, "completion_tokens": 0, "history_turns": turn.history_turns}
-        attempts = 0
+        said: list[str] = []  # the sentences sent, in order
+        guard: list[str] = []
+        rounds = attempts = 0
         try:
-            while attempts < 2 and not reply.sentences:
-                reply = ReplyFilter(persona, turn.player_text)
-                stats = GenerationStats()
-                async for sentence in self._sentences(turn.messages, self.sampling(persona, attempts), reply, stats):
-                    timings.setdefault("first_sentence_ms", _ms(turn.started))
-                    yield ReplyDelta(sentence if reply.sentences[0] == sentence else " " + sentence)
-                attempts += 1
-                usage["prompt_tokens"] += stats.prompt_tokens
-                usage["completion_tokens"] += stats.completion_tokens
-                timings.setdefault("first_token_ms", round(stats.first_token_ms, 1))
+            while rounds < 2 and not said:  # a second round when every candidate failed the guard
+                drawn = [self._candidate(turn, attempts + k) for k in range(self.candidates_now())]
+                rounds, attempts = rounds + 1, attempts + len(drawn)
+                try:
+                    winner = await self._choose(turn, drawn)
+                    guard = (winner or drawn[0]).reply.broken
+                    if winner is None:
+                        continue
+                    for sentence in winner.read:
+                        timings.setdefault("first_sentence_ms", _ms(turn.started))
+                        said.append(sentence)  # before the yield: a barge-in there stores it as said
+                        yield ReplyDelta(" " + sentence if len(said) > 1 else sentence)
+                    await self._close(c for c in drawn if c is not winner)  # after the first sentence went out
+                    async for sentence in winner.sentences:
+                        said.append(sentence)
+                        yield ReplyDelta(" " + sentence)
+                    guard = winner.reply.broken
+                finally:
+                    await self._close(drawn)
+                    usage["prompt_tokens"] += sum(c.stats.prompt_tokens for c in drawn)
+                    usage["completion_tokens"] += sum(c.stats.completion_tokens for c in drawn)
+                    timings.setdefault("first_token_ms", round(drawn[0].stats.first_token_ms, 1))
         except (GeneratorExit, asyncio.CancelledError):
             # Barge-in or a client gone: what the NPC already said stays in the history, marked as cut off.
-            await self.interrupted(turn, reply.text)
+            await self.interrupted(turn, " ".join(said))
             raise
         timings["generation_ms"] = _ms(t)
+        usage["candidates"] = attempts
 
-        fallback = not reply.sentences
-        text = reply.text
+        fallback = not said
+        text = " ".join(said)
         if fallback:
             text = persona.fallback_lines[turn.history_len // 2 % len(persona.fallback_lines)]
             yield ReplyDelta(text)
         t = time.perf_counter()
-        meta = {"fallback": fallback, "guard": reply.broken, "mood": turn.mood.to_dict()}
+        meta = {"fallback": fallback, "guard": guard, "mood": turn.mood.to_dict()}
         heard = {"affect": turn.affect.to_dict()} if turn.affect is not None else {}
         await asyncio.to_thread(
             self.store.add_turns, turn.session_id, [("player", turn.player_text, heard), ("npc", text, meta)]
@@ -233,7 +294,7 @@ class TurnService:
             npc_id=persona.id,
             text=text,
             fallback=fallback,
-            regenerated=attempts > 1,
+            regenerated=rounds > 1,
             timings_ms=timings,
             usage=usage,
             player_text=turn.player_text,
@@ -253,9 +314,62 @@ class TurnService:
         async for event in self.respond(await self.prepare(turn)):
             yield event
 
+    def _candidate(self, turn: PreparedTurn, attempt: int) -> _Candidate:
+        reply, stats = ReplyFilter(turn.persona, turn.player_text), GenerationStats()
+        params = self.sampling(turn.persona, attempt)
+        candidate = _Candidate(reply, stats, self._sentences(turn.messages, params, reply, stats))
+        self._live.add(candidate)
+        return candidate
+
+    async def _read(self, candidate: _Candidate) -> None:
+        async for sentence in candidate.sentences:
+            candidate.read.append(sentence)
+            if self.choose_on_first_sentence:
+                return
+
+    async def _choose(self, turn: PreparedTurn, drawn: list[_Candidate]) -> _Candidate | None:
+        """Read every candidate at once up to its first sentence (or whole reply); the best one that has one.
+
+        A candidate the guard stopped before its first sentence is dropped, and so is one whose generation
+        failed; the error is raised only when every candidate failed that way."""
+        results = await asyncio.gather(*(self._read(c) for c in drawn), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if len(errors) == len(drawn):
+            raise errors[0]
+        good = [c for c, r in zip(drawn, results, strict=True) if r is None and c.read]
+        if len(good) < 2:
+            return good[0] if good else None
+        t = time.perf_counter()
+        persona = turn.persona
+        vectors = await asyncio.to_thread(self.embed, [" ".join(c.read) for c in good]) if self.embed else None
+        facts = relevant_facts(persona, turn.player_text, FACTS)
+        examples = {e.npc for e in persona.examples}
+        history = [m.content for m in turn.messages if m.role == "assistant" and m.content not in examples]
+        scores = [
+            rerank.score(
+                " ".join(c.read),
+                player_text=turn.player_text,
+                facts=facts,
+                history=history,
+                vector=None if vectors is None else vectors[i],
+                voice=self.voices.get(persona.id),
+                cut=bool(c.reply.broken),
+                complete=c.reply.done,
+            )
+            for i, c in enumerate(good)
+        ]
+        turn.timings_ms["rerank_ms"] = _ms(t)
+        return good[rerank.best(scores)]
+
+    async def _close(self, candidates: Iterable[_Candidate]) -> None:
+        """Stop decoding these candidates (again is a no-op); the engine frees their slots at its next step."""
+        closing = [c for c in candidates if c in self._live]
+        self._live.difference_update(closing)
+        await asyncio.gather(*(c.sentences.aclose() for c in closing))
+
     async def _sentences(
         self, messages: list[Message], params: SamplingParams, reply: ReplyFilter, stats: GenerationStats
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         """Whole, checked sentences from one generation; stops decoding as soon as the reply is done."""
         stream = self.runner.stream(messages, params, stats)
         try:

@@ -25,7 +25,7 @@ import time
 import uuid
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -35,20 +35,17 @@ from typing import Any, Protocol
 import numpy as np
 import yaml
 
-from npc_server.dialogue import rerank
-from npc_server.dialogue.guard import ABBREVIATIONS, OTHER_SPEAKER, SENTENCE_END, ReplyFilter, character_breaks
+from npc_server.dialogue.guard import ABBREVIATIONS, OTHER_SPEAKER, SENTENCE_END, character_breaks
 from npc_server.dialogue.service import (
     HISTORY_LIMIT,
     PreparedTurn,
-    ReplyDelta,
-    TurnEvent,
     TurnInput,
     TurnResult,
     TurnService,
 )
 from npc_server.llm.engine import EngineRunner, GenerationStats, Message, SamplingParams
 from npc_server.machine import machine
-from npc_server.personas.prompt import Turn, build_messages, relevant_facts, system_prompt
+from npc_server.personas.prompt import Turn, build_messages, system_prompt
 from npc_server.personas.schema import Persona
 
 log = logging.getLogger(__name__)
@@ -231,6 +228,8 @@ class Record:
     regenerated: bool = False
     completion_tokens: int = 0
     seconds: float = 0.0
+    first_sentence_ms: float | None = None  # from the turn's start to its first reply sentence
+    candidates: int = 1  # replies sampled for the turn
     expect: list[str] = field(default_factory=list)
     breaks: list[str] = field(default_factory=list)
     length_ok: bool = True
@@ -245,6 +244,8 @@ class Reply:
     regenerated: bool = False
     completion_tokens: int = 0
     seconds: float = 0.0
+    first_sentence_ms: float | None = None
+    candidates: int = 1
 
 
 # The sampling seed of the turn being run: each turn gets its own, derived from the run's seed and the turn's
@@ -263,20 +264,31 @@ Embed = Callable[[list[str]], np.ndarray]
 class EvalTurnService(TurnService):
     """The shipped TurnService. The sampling seed is per turn (TURN_SEED, when set); with `layout`, the prompt
     is rebuilt with those `build_messages` options (`select="embed"` picks the facts by MiniLM similarity to
-    the player's line instead of shared words)."""
+    the player's line instead of shared words); `whole` chooses among candidates on their whole replies.
+
+    Every turn samples `reply_candidates`: the eval runs many conversations at once to finish quickly, and the
+    server's load shedding (`candidates_now`) would measure that load rather than the setting."""
 
     def __init__(
         self,
-        *args: Any,
+        personas: dict[str, Persona],
+        runner: EngineRunner,
+        store: Any,
+        settings: Any,
+        *,
         layout: dict[str, Any] | None = None,
         embed: Embed | None = None,
         sampling: dict[str, Any] | None = None,
+        whole: bool = False,
     ) -> None:
-        super().__init__(*args)
+        super().__init__(personas, runner, store, settings, embed=embed)
         self.layout = layout
-        self.embed = embed
         self.overrides = sampling or {}
+        self.choose_on_first_sentence = not whole
         self._fact_vectors: dict[str, np.ndarray] = {}
+
+    def candidates_now(self) -> int:
+        return self.candidates
 
     def sampling(self, persona: Persona, attempt: int) -> SamplingParams:
         params = replace(super().sampling(persona, attempt), **self.overrides)
@@ -309,72 +321,6 @@ class EvalTurnService(TurnService):
         return replace(prepared, messages=messages, history_turns=kept)
 
 
-class RerankTurnService(EvalTurnService):
-    """TurnService.respond with best-of-N: N candidates sampled at once (seeds seed..seed+N-1, so the first is
-    the shipped reply), each through its own ReplyFilter, the best by `rerank.score` kept. This is the
-    wiring proposed for TurnService.respond (docs/roleplay.md); it streams the chosen reply at once."""
-
-    def __init__(self, *args: Any, candidates: int, voices: Mapping[str, rerank.Voices], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.candidates = candidates
-        self.voices = voices
-
-    async def respond(self, turn: PreparedTurn) -> AsyncIterator[TurnEvent]:
-        persona, timings = turn.persona, turn.timings_ms
-        t = time.perf_counter()
-
-        async def sample(k: int) -> tuple[ReplyFilter, GenerationStats]:
-            reply, stats = ReplyFilter(persona, turn.player_text), GenerationStats()
-            async for _ in self._sentences(turn.messages, self.sampling(persona, k), reply, stats):
-                pass
-            return reply, stats
-
-        drawn = await asyncio.gather(*(sample(k) for k in range(self.candidates)))
-        usage = {
-            "prompt_tokens": sum(s.prompt_tokens for _, s in drawn),
-            "completion_tokens": sum(s.completion_tokens for _, s in drawn),
-            "history_turns": turn.history_turns,
-        }
-        good = [r for r, _ in drawn if r.sentences]
-        examples = {e.npc for e in persona.examples}
-        history = [m.content for m in turn.messages if m.role == "assistant" and m.content not in examples]
-        text, fallback = "", not good
-        if good:
-            vectors = await asyncio.to_thread(self.embed, [r.text for r in good]) if self.embed else None
-            facts = relevant_facts(persona, turn.player_text, 3)
-            scores = [
-                rerank.score(
-                    r.text,
-                    player_text=turn.player_text,
-                    facts=facts,
-                    history=history,
-                    vector=None if vectors is None else vectors[i],
-                    voice=self.voices.get(persona.id),
-                    cut=bool(r.broken),
-                )
-                for i, r in enumerate(good)
-            ]
-            text = good[rerank.best(scores)].text
-        else:
-            text = persona.fallback_lines[turn.history_len // 2 % len(persona.fallback_lines)]
-        timings["generation_ms"] = round((time.perf_counter() - t) * 1000, 1)
-        yield ReplyDelta(text)
-        meta = {"fallback": fallback, "candidates": len(good)}
-        await asyncio.to_thread(
-            self.store.add_turns, turn.session_id, [("player", turn.player_text, {}), ("npc", text, meta)]
-        )
-        yield TurnResult(
-            session_id=turn.session_id,
-            npc_id=persona.id,
-            text=text,
-            fallback=fallback,
-            regenerated=False,
-            timings_ms=timings,
-            usage=usage,
-            player_text=turn.player_text,
-        )
-
-
 class Pipeline(Protocol):
     async def converse(self, persona: Persona, lines: Sequence[str], seeds: Sequence[int | None]) -> list[Reply]: ...
 
@@ -405,6 +351,8 @@ class ServicePipeline:
                     result.regenerated,
                     result.usage.get("completion_tokens", 0),
                     time.perf_counter() - started,
+                    result.timings_ms.get("first_sentence_ms"),
+                    result.usage.get("candidates", 1),
                 )
             )
         return out
@@ -470,6 +418,7 @@ async def run_jobs(
             record = Record(name, job.persona_id, job.kind, job.category, number, i, line, reply.text)
             record.fallback, record.regenerated = reply.fallback, reply.regenerated
             record.completion_tokens, record.seconds = reply.completion_tokens, round(reply.seconds, 2)
+            record.first_sentence_ms, record.candidates = reply.first_sentence_ms, reply.candidates
             record.expect = list(job.expect)
             record.breaks = reply_breaks(reply.text, persona, job.lines[: i + 1])
             record.length_ok = length_ok(reply.text, persona)
@@ -512,9 +461,15 @@ def summarize(
             "repetition": _rate(sum(bool(r.repeated) for r in later), len(later)),
             "distinct_2": round(distinct_n([r.reply for r in rs]), 4),
             "mean_chars": round(float(np.mean([len(r.reply) for r in rs])), 1) if rs else 0.0,
+            "mean_candidates": round(float(np.mean([r.candidates for r in rs])), 2) if rs else 0.0,
         }
 
     summary = metrics(records)
+    firsts = [r.first_sentence_ms for r in records if r.first_sentence_ms is not None]
+    summary["first_sentence_ms"] = {
+        "median": round(float(np.median(firsts)), 1) if firsts else None,
+        "p90": round(float(np.percentile(firsts, 90)), 1) if firsts else None,
+    }
     generated = [r for r in records if not r.fallback and r.reply]
     acc, per = identifiability(embed([r.reply for r in generated]), [r.persona_id for r in generated])
     acc_all, _ = identifiability(embed([r.reply for r in records]), [r.persona_id for r in records])
@@ -578,6 +533,11 @@ def markdown(report: dict[str, Any]) -> str:
         out.append(f"| {label} | {target} | " + " | ".join(_cell(report["variants"][n][key]) for n in names) + " |")
     for label, key in (("distinct-2", "distinct_2"), ("mean reply length, chars", "mean_chars")):
         out.append(f"| {label} | | " + " | ".join(str(report["variants"][n][key]) for n in names) + " |")
+    for label, key in (("candidates per turn", "mean_candidates"), ("tokens decoded", "completion_tokens")):
+        out.append(f"| {label} | | " + " | ".join(str(report["variants"][n].get(key, "")) for n in names) + " |")
+    for stat in ("median", "p90"):
+        cells = [str(report["variants"][n].get("first_sentence_ms", {}).get(stat)) for n in names]
+        out.append(f"| first sentence, ms ({stat}) | | " + " | ".join(cells) + " |")
     out.append("| wall time, s | | " + " | ".join(str(report["variants"][n]["seconds"]) for n in names) + " |")
     g = report["greeting_compliance"]
     out += ["", f"Greeting compliance (persona greetings pass the checks and length limits): {_cell(g)}."]
@@ -604,7 +564,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         {"raw": "one-line"},
     ),
     "unguarded": ("The shipped prompt, raw output (no guard): what the guard adds.", {"raw": "shipped"}),
-    "shipped": ("The server's TurnService as shipped (prompt, sampling, guard, fallback lines, history).", {}),
+    "shipped": (
+        "The server's TurnService as shipped (prompt, sampling, reply candidates, guard, fallback lines, history).",
+        {},
+    ),
     "original-layout": (
         "Shipped, with the original prompt layout (no note before the player's line).",
         {"layout": ORIGINAL_LAYOUT},
@@ -627,7 +590,26 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "facts-1": ("Shipped, with only the single most relevant fact in the note.", {"layout": {"facts": 1}}),
     "cool": ("Shipped, sampling at temperature 0.4 for every persona.", {"sampling": {"temperature": 0.4}}),
-    "rerank": ("Shipped, best of 4 candidates by rerank.score (voice, facts, repetition).", {"candidates": 4}),
+    "single": (
+        "Shipped with NPC_REPLY_CANDIDATES=1: one sampled reply, no re-ranking.",
+        {"settings": {"reply_candidates": 1}},
+    ),
+    "rerank-2": (
+        "Shipped with NPC_REPLY_CANDIDATES=2: the better first sentence of 2 by rerank.score, then that reply.",
+        {"settings": {"reply_candidates": 2}},
+    ),
+    "rerank": (
+        "Shipped with NPC_REPLY_CANDIDATES=4: the best first sentence of 4 by rerank.score, then that reply.",
+        {"settings": {"reply_candidates": 4}},
+    ),
+    "rerank-8": (
+        "Shipped with NPC_REPLY_CANDIDATES=8: the best first sentence of 8 by rerank.score, then that reply.",
+        {"settings": {"reply_candidates": 8}},
+    ),
+    "rerank-whole": (
+        "4 candidates, chosen on their whole replies instead of their first sentences (no streaming).",
+        {"settings": {"reply_candidates": 4}, "whole": True},
+    ),
 }
 DESCRIPTIONS = {name: text for name, (text, _) in VARIANTS.items()}
 
@@ -662,16 +644,16 @@ def pipelines(
             made[name] = RawPipeline(runner, sampling, one_line_messages)
         elif options.get("raw") == "shipped":
             made[name] = RawPipeline(runner, sampling, shipped_messages)
-        elif "candidates" in options:
-            if embed is None:
-                raise ValueError("re-ranking needs the sentence embedder")
-            service = RerankTurnService(
-                *args, candidates=options["candidates"], voices=rerank.voices(personas, embed), embed=embed
+        else:
+            variant = (dict(personas), runner, store, settings.model_copy(update=options.get("settings", {})))
+            service = EvalTurnService(
+                *variant,
+                layout=options.get("layout"),
+                embed=embed,
+                sampling=options.get("sampling"),
+                whole=options.get("whole", False),
             )
             made[name] = ServicePipeline(service)
-        else:
-            layout, overrides = options.get("layout"), options.get("sampling")
-            made[name] = ServicePipeline(EvalTurnService(*args, layout=layout, embed=embed, sampling=overrides))
     return made
 
 
