@@ -73,7 +73,8 @@ def load_engine(settings: Settings) -> Engine:
 def prefill_personas(engine: Engine, personas: dict[str, Persona]) -> None:
     """Put every persona's fixed prompt into the engine's prefix cache, so even the first turn with each
     NPC only computes what follows it (blocking: a worker thread)."""
-    if not getattr(engine, "prefix_cache", None):
+    cache = getattr(engine, "prefix_cache", None)
+    if cache is None or cache.max_tokens == 0:
         return
     params = SamplingParams(temperature=0.0, max_new_tokens=1)
     for persona in personas.values():

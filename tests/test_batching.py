@@ -142,7 +142,7 @@ def test_int8_weights_stay_close_to_the_model_weights(rows: int) -> None:
     x = torch.randn(rows, 128, dtype=torch.bfloat16)
     exact = F.linear(x.float(), w.float())
     int8 = Weight(w, int8=True)
-    assert int8.q is not None and int8.q.dtype == torch.int8
+    assert int8.int8 is not None and int8.int8[0].dtype == torch.int8
     error = (int8(x).float() - exact).norm() / exact.norm()
     assert error < 0.02
     wide = torch.randn(INT8_ROWS + 1, 128, dtype=torch.bfloat16)

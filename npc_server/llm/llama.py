@@ -34,21 +34,20 @@ class Weight:
 
     def __init__(self, w: torch.Tensor, int8: bool) -> None:
         self.w = w
-        self.q: torch.Tensor | None = None
-        self.scale = w
+        self.int8: tuple[torch.Tensor, torch.Tensor] | None = None  # (int8 weight, scale per row)
         if int8:
             scale = w.abs().amax(dim=1).float().clamp(min=1e-12) / 127
-            self.q = torch.empty(w.shape, dtype=torch.int8)
+            q = torch.empty(w.shape, dtype=torch.int8)
             for rows in range(0, len(w), 1024):  # in blocks: no float32 copy of a whole embedding table
                 block = slice(rows, rows + 1024)
-                self.q[block] = torch.round(w[block].float() / scale[block, None])
-            self.scale = scale.to(w.dtype)
+                q[block] = torch.round(w[block].float() / scale[block, None])
+            self.int8 = (q, scale.to(w.dtype))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if self.q is None or rows > INT8_ROWS:
+        if self.int8 is None or rows > INT8_ROWS:
             return F.linear(x, self.w)
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, x.shape[-1]), self.q, self.scale)
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, x.shape[-1]), *self.int8)
         return y.view(*x.shape[:-1], -1)
 
 
