@@ -9,7 +9,7 @@ COPY pyproject.toml README.md ./
 COPY npc_server/ npc_server/
 COPY personas/ personas/
 RUN pip install --no-cache-dir --no-deps .
-ENV NPC_HOST=0.0.0.0 NPC_DATA_DIR=/data NPC_PERSONAS_DIR=/app/personas OMP_WAIT_POLICY=PASSIVE
+ENV NPC_HOST=0.0.0.0 NPC_DATA_DIR=/data NPC_PERSONAS_DIR=/app/personas
 VOLUME /data
 EXPOSE 8000
 HEALTHCHECK --interval=10s --start-period=120s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz').status != 200)"

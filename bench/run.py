@@ -353,6 +353,7 @@ def stages_table(rows: list[Row]) -> str:
         "voice_asr",
         "text_embed",
         "prompt_ms",
+        "queue_ms",
         "first_token_ms",
         "generation_ms",
         "total_ms",

@@ -2,9 +2,6 @@
 
 import os
 
-# Small per-request torch models stall badly when OpenMP threads busy-wait on a shared 2-core box.
-# This must be set before torch is first imported, so it lives at the package root.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

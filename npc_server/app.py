@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
@@ -27,6 +28,7 @@ from npc_server.personas.schema import Persona
 from npc_server.settings import Settings
 from npc_server.state import AppState
 from npc_server.store.sqlite import Store
+from npc_server.threads import in_own_thread, one_core
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ def load_engine(settings: Settings) -> Engine:
         )
         remote.warm()
         return remote
-    torch.set_num_threads(settings.llm_threads)
+    torch.set_num_threads(settings.llm_threads)  # every core while loading: this thread ends afterwards
     folder = resolve_model(settings.model, settings.resolved_cache_dir)
     engine: LocalEngine
     if settings.batching and '"llama"' in (folder / "config.json").read_text():
@@ -63,9 +65,12 @@ def load_engine(settings: Settings) -> Engine:
             max_batch=settings.max_batch,
             prefix_cache_tokens=settings.prefix_cache_tokens,
             int8=settings.int8,
+            threads=settings.llm_threads,
         )
     else:
-        engine = LocalEngine(folder, dtype=settings.dtype, context_tokens=settings.context_tokens)
+        engine = LocalEngine(
+            folder, dtype=settings.dtype, context_tokens=settings.context_tokens, threads=settings.llm_threads
+        )
     engine.warm()
     return engine
 
@@ -95,6 +100,10 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The event loop's thread (it runs the fusion net) and worker threads (asyncio.to_thread) run torch on
+        # one core: the engine's scheduler owns the cores.
+        one_core()
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(initializer=one_core))
         personas, problems = load_personas(settings.personas_dir)
         for problem in problems:
             log.warning("persona not loaded: %s", problem)
@@ -105,7 +114,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
 
         async def timed(name: str, fn: Callable[[Settings], T]) -> T:
             started = time.perf_counter()
-            result = await asyncio.to_thread(fn, settings)
+            result = await in_own_thread(fn, settings)  # its torch workers end with it
             state.startup_ms[name] = round((time.perf_counter() - started) * 1000, 1)
             return result
 
@@ -125,10 +134,11 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
             # The text analyzer's sentence embedder scores reply candidates; the personas' voice centroids are
             # embedded once, here (in a worker thread: it runs the embedder).
             embed = perception.text.embed if perception is not None else None
-            state.service = await asyncio.to_thread(
+            service = await asyncio.to_thread(
                 TurnService, personas, EngineRunner(engine), store, settings, perception, fuser, embed
             )
             await timed("prefill_ms", lambda _: prefill_personas(engine, personas))
+            state.service = service  # ready
             state.startup_ms["ready_ms"] = round((time.perf_counter() - started) * 1000, 1)
             log.info("ready in %.1f s (model %s)", time.perf_counter() - started, engine.name)
 

@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     # Perception: face, voice and text models, and the limits on what a turn may upload.
     perception: bool = True
     perception_threads: int = Field(2, ge=1, le=32)
-    whisper_threads: int = Field(2, ge=1, le=32)  # CTranslate2 threads for speech recognition
+    whisper_threads: int = Field(1, ge=1, le=32)  # CTranslate2 threads for speech recognition (see threads.py)
     fusion_checkpoint: Path | None = None  # a trained fusion checkpoint folder; default: the shipped one
     fusion_method: str | None = None  # attention, late, face, voice or text; default: the checkpoint's choice
     max_face_frames: int = Field(8, ge=1, le=64)

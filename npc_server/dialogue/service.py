@@ -269,6 +269,8 @@ class TurnService:
                     usage["prompt_tokens"] += sum(c.stats.prompt_tokens for c in drawn)
                     usage["completion_tokens"] += sum(c.stats.completion_tokens for c in drawn)
                     timings.setdefault("first_token_ms", round(drawn[0].stats.first_token_ms, 1))
+                    if "queue_ms" in drawn[0].stats.extra:  # waiting for a place in the engine's batch
+                        timings.setdefault("queue_ms", round(drawn[0].stats.extra["queue_ms"], 1))
         except (GeneratorExit, asyncio.CancelledError):
             # Barge-in or a client gone: what the NPC already said stays in the history, marked as cut off.
             await self.interrupted(turn, " ".join(said))

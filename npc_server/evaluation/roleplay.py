@@ -674,10 +674,11 @@ async def evaluate(
     from npc_server.app import load_engine
     from npc_server.perception.text import TextAnalyzer
     from npc_server.store.sqlite import Store
+    from npc_server.threads import in_own_thread
 
     say = progress or (lambda _: None)
     say("loading the language model and the sentence embedder")
-    engine = await asyncio.to_thread(load_engine, settings)
+    engine = await in_own_thread(load_engine, settings)
     analyzer = await asyncio.to_thread(TextAnalyzer)
     runner = EngineRunner(engine)
     jobs = list(jobs) if jobs is not None else load_jobs(personas, quick=quick)

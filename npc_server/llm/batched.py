@@ -99,8 +99,9 @@ class BatchedEngine(LocalEngine):
         prefix_cache_tokens: int = 16384,
         prefill_chunk: int = 256,
         int8: bool = False,
+        threads: int = 2,
     ) -> None:
-        super().__init__(folder, dtype=dtype, context_tokens=context_tokens)
+        super().__init__(folder, dtype=dtype, context_tokens=context_tokens, threads=threads)
         config = self.model.config
         if config.model_type != "llama":
             raise ValueError(f"the batched engine runs Llama-architecture models, not {config.model_type}")
@@ -176,6 +177,7 @@ class BatchedEngine(LocalEngine):
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        torch.set_num_threads(self.threads)
         while not self._stop:
             if not self._active and self._filling is None and self._waiting.empty():
                 self._wake.wait(timeout=0.5)
@@ -222,6 +224,7 @@ class BatchedEngine(LocalEngine):
                 self.prefix_cache.reused_tokens += reused
             seq.length = reused
             seq.stats.extra["prefix_reused_tokens"] = float(reused)
+            seq.stats.extra["queue_ms"] = (time.perf_counter() - seq.submitted) * 1000
             seq.seen = prompt
             if seq.params.seed is not None:
                 seq.generator = torch.Generator().manual_seed(seq.params.seed)

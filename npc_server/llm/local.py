@@ -29,7 +29,7 @@ class LocalEngine:
 
     max_concurrency = 1
 
-    def __init__(self, folder: Path, *, dtype: str = "auto", context_tokens: int = 2048) -> None:
+    def __init__(self, folder: Path, *, dtype: str = "auto", context_tokens: int = 2048, threads: int = 2) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if dtype == "auto":
@@ -38,6 +38,7 @@ class LocalEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=self.dtype).eval()
         self.name = folder.name
+        self.threads = threads  # torch threads for the thread that runs the model (see npc_server.threads)
         config_window = int(getattr(self.model.config, "max_position_embeddings", context_tokens))
         self.context_tokens = min(context_tokens, config_window)
         self._stop_ids = self._end_of_turn_ids()
@@ -83,6 +84,7 @@ class LocalEngine:
         cancel: threading.Event,
     ) -> Iterator[str]:
         started = time.perf_counter()
+        torch.set_num_threads(self.threads)
         prompt = self.encode(messages)
         budget = self.context_tokens - len(prompt)
         if budget <= 0:

@@ -13,6 +13,7 @@ from npc_server.perception.text import TextAnalyzer
 from npc_server.perception.types import FaceReading, TextReading, VoiceReading
 from npc_server.perception.voice import VoiceAnalyzer
 from npc_server.settings import Settings
+from npc_server.threads import one_core
 
 T = TypeVar("T")
 
@@ -49,7 +50,9 @@ class Perception:
             whisper_threads=settings.whisper_threads,
         )
         self.text = TextAnalyzer()
-        self._pool = ThreadPoolExecutor(max_workers=settings.perception_threads, thread_name_prefix="perception")
+        self._pool = ThreadPoolExecutor(
+            max_workers=settings.perception_threads, thread_name_prefix="perception", initializer=one_core
+        )
 
     def warm(self) -> None:
         self.face.warm()
