@@ -262,7 +262,7 @@ async def main_async(args: argparse.Namespace) -> list[Row]:
     server = Server(args.candidates)
     print(f"npc-server ready in {server.ready_s:.1f} s, idle RSS {server.idle_rss_mib:.0f} MiB", file=sys.stderr)
     media = bench_media() if args.multimodal else None
-    peer = Peer(embedded_gguf(), cache=ROOT / ".cache" / "peer") if args.peer else None
+    peer = Peer(embedded_gguf(), cache=ROOT / ".cache" / "peer-native") if args.peer else None
     try:
         async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=64)) as client:
 

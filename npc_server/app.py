@@ -28,7 +28,7 @@ from npc_server.personas.schema import Persona
 from npc_server.settings import Settings
 from npc_server.state import AppState
 from npc_server.store.sqlite import Store
-from npc_server.threads import in_own_thread, one_core
+from npc_server.threads import in_own_thread, one_core, use_cores
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,6 @@ T = TypeVar("T")
 
 def load_engine(settings: Settings) -> Engine:
     """The configured model, loaded and warmed (blocking: runs in a worker thread)."""
-    import torch
-
     from npc_server.llm.batched import BatchedEngine
     from npc_server.llm.local import LocalEngine
     from npc_server.llm.remote import OpenAIEngine
@@ -54,7 +52,7 @@ def load_engine(settings: Settings) -> Engine:
         )
         remote.warm()
         return remote
-    torch.set_num_threads(settings.llm_threads)  # every core while loading: this thread ends afterwards
+    use_cores(settings.llm_threads)  # every core while loading: this thread ends afterwards
     folder = resolve_model(settings.model, settings.resolved_cache_dir)
     engine: LocalEngine
     if settings.batching and '"llama"' in (folder / "config.json").read_text():

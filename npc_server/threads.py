@@ -20,10 +20,17 @@ import torch
 T = TypeVar("T")
 
 
+def use_cores(n: int) -> None:
+    """Torch on the calling thread uses `n` cores from now on."""
+    # torch sets a thread's count up on its first use, to the count last set on any thread: run that set-up
+    # first, or it would undo this later.
+    torch.get_num_threads()
+    torch.set_num_threads(n)
+
+
 def one_core() -> None:
     """Torch on the calling thread uses one core (an executor's initializer)."""
-    torch.get_num_threads()  # first, torch's own per-thread set-up, which would later reset the count
-    torch.set_num_threads(1)
+    use_cores(1)
 
 
 async def in_own_thread(fn: Callable[..., T], *args: object) -> T:

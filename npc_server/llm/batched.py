@@ -27,6 +27,7 @@ from npc_server.errors import NpcError
 from npc_server.llm.engine import GenerationStats, Message, SamplingParams
 from npc_server.llm.llama import PackedLlama
 from npc_server.llm.local import Detokenizer, LocalEngine, sample
+from npc_server.threads import use_cores
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ class BatchedEngine(LocalEngine):
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
-        torch.set_num_threads(self.threads)
+        use_cores(self.threads)
         while not self._stop:
             if not self._active and self._filling is None and self._waiting.empty():
                 self._wake.wait(timeout=0.5)

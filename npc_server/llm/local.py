@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from npc_server.llm.engine import GenerationStats, Message, SamplingParams
+from npc_server.threads import use_cores
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class LocalEngine:
         cancel: threading.Event,
     ) -> Iterator[str]:
         started = time.perf_counter()
-        torch.set_num_threads(self.threads)
+        use_cores(self.threads)
         prompt = self.encode(messages)
         budget = self.context_tokens - len(prompt)
         if budget <= 0:
