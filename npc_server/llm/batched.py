@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 from npc_server.errors import NpcError
+from npc_server.llm.adapters import Adapter, load_adapter
 from npc_server.llm.engine import GenerationStats, Message, SamplingParams
-from npc_server.llm.llama import PackedLlama
+from npc_server.llm.llama import Adapters, PackedLlama
 from npc_server.llm.local import Detokenizer, LocalEngine, sample
 from npc_server.threads import use_cores
 
@@ -51,21 +52,28 @@ class _Sequence:
     produced: int = 0
     seen: torch.Tensor | None = None  # prompt + generated ids, for the repetition penalty
     generator: torch.Generator | None = None
+    adapter: Adapter | None = None
+
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [kv_heads, T, head_dim]
 
 
 class PrefixCache:
-    """KV of recent prompts, evicted least-recently-used beyond a token budget."""
+    """KV of recent prompts, evicted least-recently-used beyond a token budget. KV computed with a LoRA adapter
+    only serves prompts run with the same adapter."""
 
     def __init__(self, max_tokens: int) -> None:
         self.max_tokens = max_tokens
-        self.entries: OrderedDict[int, tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]] = OrderedDict()
+        self.entries: OrderedDict[tuple[str | None, int], tuple[torch.Tensor, KV]] = OrderedDict()
         self.tokens = 0
         self.hits = 0
         self.reused_tokens = 0
 
-    def longest(self, prompt: torch.Tensor) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]] | None]:
+    def longest(self, prompt: torch.Tensor, adapter: str | None = None) -> tuple[int, KV | None]:
         best, best_kv, best_key = 0, None, None
         for key, (ids, kv) in self.entries.items():
+            if key[0] != adapter:
+                continue
             n = min(len(ids), len(prompt))
             same = (ids[:n] == prompt[:n]).to(torch.int8)
             match = n if bool(same.all()) else int(torch.argmin(same))
@@ -75,8 +83,8 @@ class PrefixCache:
             self.entries.move_to_end(best_key)
         return best, best_kv
 
-    def add(self, prompt: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        key = hash(tuple(prompt.tolist()))
+    def add(self, prompt: torch.Tensor, kv: KV, adapter: str | None = None) -> None:
+        key = (adapter, hash(tuple(prompt.tolist())))
         if key in self.entries or len(prompt) > self.max_tokens:
             return
         self.entries[key] = (prompt, kv)
@@ -124,6 +132,7 @@ class BatchedEngine(LocalEngine):
         self.prefill_chunk = prefill_chunk
         self._wake = threading.Event()
         self._stop = False
+        self.adapters: dict[str, Adapter] = {}
         self.steps = 0
         self.batched_tokens = 0
         self._thread = threading.Thread(target=self._loop, name="llm-scheduler", daemon=True)
@@ -133,6 +142,10 @@ class BatchedEngine(LocalEngine):
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=5)
+
+    def load_adapter(self, name: str, folder: Path) -> None:
+        """Load a LoRA adapter (peft's files) that requests may then name in `SamplingParams.adapter`."""
+        self.adapters[name] = load_adapter(name, folder, self.packed.part_shapes, self.dtype)
 
     # --- the caller's side -------------------------------------------------------------------------
 
@@ -148,6 +161,10 @@ class BatchedEngine(LocalEngine):
         if len(prompt) >= self.context_tokens:
             raise ValueError("prompt does not fit the context window")
         seq = _Sequence(prompt, params, stats, cancel)
+        if params.adapter is not None:
+            if params.adapter not in self.adapters:
+                raise ValueError(f"no adapter named {params.adapter!r} is loaded")
+            seq.adapter = self.adapters[params.adapter]
         stats.prompt_tokens = len(prompt)
         try:
             self._waiting.put_nowait(seq)
@@ -215,7 +232,7 @@ class BatchedEngine(LocalEngine):
                 continue
             seq.slot = len(self._active)
             prompt = torch.tensor(seq.prompt)
-            reused, kv = self.prefix_cache.longest(prompt)
+            reused, kv = self.prefix_cache.longest(prompt, seq.params.adapter)
             reused = min(reused, len(seq.prompt) - 1)  # at least one position to compute logits from
             if kv is not None and reused > 0:
                 for layer, (k, v) in enumerate(kv):
@@ -244,7 +261,8 @@ class BatchedEngine(LocalEngine):
             self._filling = None
             return 0
         start, end = seq.length, min(len(seq.prompt), seq.length + budget)
-        logits = self._forward_prefill(seq.seen[start:end], seq.slot, start)
+        adapters = [(slice(None), seq.adapter)] if seq.adapter is not None else []
+        logits = self._forward_prefill(seq.seen[start:end], seq.slot, start, adapters)
         seq.length = end
         if end < len(seq.prompt):
             return end - start
@@ -258,6 +276,7 @@ class BatchedEngine(LocalEngine):
         self.prefix_cache.add(
             seq.seen,
             [(k[slot, :, :end].clone(), v[slot, :, :end].clone()) for k, v in zip(self._k, self._v, strict=True)],
+            seq.params.adapter,
         )
         self._filling = None
         self._active.append(seq)
@@ -291,7 +310,12 @@ class BatchedEngine(LocalEngine):
         batch = self._active
         tokens = torch.tensor([s.last for s in batch])
         positions = torch.tensor([s.length for s in batch])
-        logits = self._forward_decode(tokens, positions)
+        rows: dict[str, list[int]] = {}
+        for i, seq in enumerate(batch):
+            if seq.adapter is not None:
+                rows.setdefault(seq.adapter.name, []).append(i)
+        adapters = [(torch.tensor(r), self.adapters[name]) for name, r in rows.items()]
+        logits = self._forward_decode(tokens, positions, adapters)
         self.steps += 1
         self.batched_tokens += len(batch)
         for i, seq in enumerate(batch):
@@ -316,7 +340,7 @@ class BatchedEngine(LocalEngine):
 
     # --- the model ---------------------------------------------------------------------------------
 
-    def _forward_prefill(self, ids: torch.Tensor, slot: int, start: int) -> torch.Tensor:
+    def _forward_prefill(self, ids: torch.Tensor, slot: int, start: int, adapters: Adapters = ()) -> torch.Tensor:
         """Prefill ids [T] into `slot` after `start` cached positions; returns the last position's logits [V]."""
         end = start + len(ids)
         positions = torch.arange(start, end)[None]
@@ -328,11 +352,11 @@ class BatchedEngine(LocalEngine):
             self._v[layer][slot, :, start:end] = v[0]
             return self._k[layer][slot : slot + 1, :, :end], self._v[layer][slot : slot + 1, :, :end]
 
-        hidden = self.packed.forward(ids[None], positions, write, mask)
+        hidden = self.packed.forward(ids[None], positions, write, mask, adapters)
         self._finite[slot] = max(self._finite[slot], end)
         return self.packed.logits(hidden[0, -1])
 
-    def _forward_decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _forward_decode(self, tokens: torch.Tensor, positions: torch.Tensor, adapters: Adapters = ()) -> torch.Tensor:
         """One step for the active slots 0..B-1: tokens [B] at positions [B]; returns logits [B, V]."""
         b = len(tokens)
         longest = int(positions.max()) + 1
@@ -350,5 +374,5 @@ class BatchedEngine(LocalEngine):
             self._v[layer][slots, :, positions] = v[:, :, 0]
             return self._k[layer][:b, :, :longest], self._v[layer][:b, :, :longest]
 
-        hidden = self.packed.forward(tokens[:, None], positions[:, None], write, mask)
+        hidden = self.packed.forward(tokens[:, None], positions[:, None], write, mask, adapters)
         return self.packed.logits(hidden[:, -1])

@@ -27,6 +27,7 @@ class SamplingParams:
     max_new_tokens: int = 80
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    adapter: str | None = None  # a LoRA adapter the engine has loaded (batched engine only)
 
 
 @dataclass

@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from npc_server.llm.adapters import FUSED, Adapter
+
 # (layer, new keys [B, kv_heads, T, D], new values) -> (all keys, all values) to attend to
 Write = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# Rows of the batch (an index tensor, or slice(None) for all) and the LoRA adapter they run with
+Adapters = Sequence[tuple[torch.Tensor | slice, Adapter]]
 
 
 INT8_ROWS = 4  # up to this many rows (tokens in a step), the int8 copy is faster; beyond, the native one
@@ -74,6 +78,11 @@ class PackedLlama:
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm.weight
         self.lm_head = Weight(model.lm_head.weight, int8)
+        # Each fused part's weight shape, per layer, for laying adapters out the same way
+        self.part_shapes = [
+            {name: tuple(layer.get_submodule(name).weight.shape) for names in FUSED.values() for name in names}
+            for layer in inner.layers
+        ]
         self.layers = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -89,7 +98,9 @@ class PackedLlama:
             )
         _give_back_freed_memory()
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, write: Write, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, write: Write, mask: torch.Tensor, adapters: Adapters = ()
+    ) -> torch.Tensor:
         """Hidden states after the final norm for ids [B, T] at positions [B, T]."""
         x = F.embedding(ids, self.embed)
         b, t, _ = x.shape
@@ -101,19 +112,30 @@ class PackedLlama:
         qk_heads = self.heads + self.kv_heads
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (self.hidden,), layer.attn_norm, self.eps)
-            qkv = layer.qkv(h).view(b, t, qk_heads + self.kv_heads, self.head_dim)
+            qkv = _lora(layer.qkv(h), h, adapters, i, "qkv").view(b, t, qk_heads + self.kv_heads, self.head_dim)
             qk = qkv[:, :, :qk_heads]
             qk = (qk * cos + qk.roll(half, dims=-1) * sin).transpose(1, 2)  # [B, heads + kv_heads, T, D]
             keys, values = write(i, qk[:, self.heads :], qkv[:, :, qk_heads:].transpose(1, 2))
             a = F.scaled_dot_product_attention(qk[:, : self.heads], keys, values, attn_mask=mask, enable_gqa=True)
-            x = x + layer.out(a.transpose(1, 2).reshape(b, t, -1))
+            a = a.transpose(1, 2).reshape(b, t, -1)
+            x = x + _lora(layer.out(a), a, adapters, i, "out")
             h = F.rms_norm(x, (self.hidden,), layer.mlp_norm, self.eps)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+            gate, up = _lora(layer.gate_up(h), h, adapters, i, "gate_up").chunk(2, dim=-1)
+            h = F.silu(gate) * up
+            x = x + _lora(layer.down(h), h, adapters, i, "down")
         return F.rms_norm(x, (self.hidden,), self.norm, self.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+
+def _lora(y: torch.Tensor, x: torch.Tensor, adapters: Adapters, layer: int, projection: str) -> torch.Tensor:
+    """y (the projection of x) plus each adapter's low-rank correction on its rows."""
+    for rows, adapter in adapters:
+        pair = adapter.layers[layer].get(projection)
+        if pair is not None:
+            y[rows] += (x[rows] @ pair[0].T) @ pair[1].T
+    return y
 
 
 def _fuse(*linears: torch.nn.Linear) -> torch.Tensor:
