@@ -4,6 +4,7 @@ the background, so /healthz answers at once and /readyz turns 200 when everythin
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -18,6 +19,7 @@ from npc_server import __version__
 from npc_server.api import errors, health, live, npcs, sessions, turns
 from npc_server.api.middleware import BodyLimit
 from npc_server.dialogue.service import TurnService
+from npc_server.finetune import adapter_dir, fingerprint
 from npc_server.fusion.runtime import AffectFuser
 from npc_server.live.flow import LiveHub
 from npc_server.llm.engine import Engine, EngineRunner, GenerationStats, Message, SamplingParams
@@ -73,14 +75,38 @@ def load_engine(settings: Settings) -> Engine:
     return engine
 
 
+def load_adapters(engine: Engine, personas: dict[str, Persona], settings: Settings) -> None:
+    """Each persona's LoRA adapter, where `npc-server finetune` left one (blocking: a worker thread)."""
+    load = getattr(engine, "load_adapter", None)
+    if not settings.adapters or load is None:
+        return
+    for persona_id, persona in personas.items():
+        folder = adapter_dir(settings.personas_dir, persona_id)
+        if not (folder / "adapter_config.json").is_file():
+            continue
+        try:
+            trained = json.loads((folder / "training.json").read_text())
+            if trained.get("persona_sha256") != fingerprint(persona):
+                log.warning("adapter for %s not loaded: the persona file changed since; rerun finetune", persona_id)
+                continue
+            load(persona_id, folder)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("adapter for %s not loaded: %s", persona_id, exc)
+        else:
+            log.info("adapter for %s loaded from %s", persona_id, folder)
+
+
 def prefill_personas(engine: Engine, personas: dict[str, Persona]) -> None:
     """Put every persona's fixed prompt into the engine's prefix cache, so even the first turn with each
     NPC only computes what follows it (blocking: a worker thread)."""
     cache = getattr(engine, "prefix_cache", None)
     if cache is None or cache.max_tokens == 0:
         return
-    params = SamplingParams(temperature=0.0, max_new_tokens=1)
+    adapters = getattr(engine, "adapters", {})
     for persona in personas.values():
+        params = SamplingParams(
+            temperature=0.0, max_new_tokens=1, adapter=persona.id if persona.id in adapters else None
+        )
         messages = [*fixed_messages(persona), Message("user", "Hello.")]
         for _ in engine.generate(messages, params, GenerationStats(), threading.Event()):
             pass
@@ -122,6 +148,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
                 # One after the other: transformers changes torch's global default dtype while it loads a
                 # bf16 model, which would leak into models built on another thread at the same time.
                 engine = await timed("llm_ms", engine_factory)
+                await in_own_thread(load_adapters, engine, personas, settings)
                 perception, fuser = (
                     await timed("perception_ms", load_perception) if settings.perception else (None, None)
                 )

@@ -1,4 +1,4 @@
-"""`npc-server serve | chat | personas validate | fusion ...`."""
+"""`npc-server serve | chat | personas validate | finetune | fusion ...`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from npc_server import chat
+from npc_server import chat, finetune
 from npc_server.evaluation import cli as eval_cli
 from npc_server.fusion.cli import add_parser as add_fusion_parser
 from npc_server.fusion.cli import run as run_fusion
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     validate = persona_commands.add_parser("validate", help="check persona files; exit 1 if any is broken")
     validate.add_argument("paths", nargs="*", type=Path, help="files or folders (default: NPC_PERSONAS_DIR)")
 
+    finetune.add_parser(commands)
     add_fusion_parser(commands)
     eval_cli.add_parser(commands)
 
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "chat":
         return chat.run(args)
+    if args.command == "finetune":
+        return finetune.run(args, _settings())
     if args.command == "fusion":
         return run_fusion(args)
     if args.command == "eval":

@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     # Steps of 1-4 streams read an int8 copy of the weights (half the bytes of bf16); larger batches the
     # model's own. Costs ~130 MiB more memory for the embedded model.
     int8: bool = True
+    # Apply the LoRA adapters `npc-server finetune` left beside the persona files (personas/adapters/<id>/)
+    adapters: bool = True
     # Sampling defaults; a persona's `generation` block overrides them.
     temperature: float = Field(0.7, ge=0.0, le=2.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)

@@ -77,3 +77,32 @@ def test_adapter_matches_merged_weights_and_shares_a_batch(made: tuple[Path, Pat
             run(engine, SamplingParams(max_new_tokens=4, adapter="nobody"))
     finally:
         engine.close()
+
+
+def test_only_adapters_trained_on_the_current_persona_file_load(tmp_path: Path) -> None:
+    from npc_server.app import load_adapters
+    from npc_server.finetune import adapter_dir, fingerprint
+    from npc_server.personas.loader import load_personas
+    from npc_server.settings import DEFAULT_PERSONAS, Settings
+
+    personas, _ = load_personas(DEFAULT_PERSONAS)
+    brokk, pip = personas["brokk"], personas["pip"]
+    for persona, digest in ((brokk, fingerprint(brokk)), (pip, fingerprint(pip.model_copy(update={"name": "Old"})))):
+        folder = adapter_dir(tmp_path, persona.id)
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text("{}")
+        (folder / "training.json").write_text(f'{{"persona_sha256": "{digest}"}}')
+
+    class Engine:
+        def __init__(self) -> None:
+            self.loaded: list[str] = []
+
+        def load_adapter(self, name: str, folder: Path) -> None:
+            self.loaded.append(name)
+
+    engine = Engine()
+    load_adapters(engine, personas, Settings(personas_dir=tmp_path))  # type: ignore[arg-type]
+    assert engine.loaded == ["brokk"]  # pip's adapter was trained on an older version of its file
+    engine.loaded.clear()
+    load_adapters(engine, personas, Settings(personas_dir=tmp_path, adapters=False))  # type: ignore[arg-type]
+    assert engine.loaded == []

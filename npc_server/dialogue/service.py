@@ -165,6 +165,7 @@ class TurnService:
             max_new_tokens=s.max_new_tokens if g.max_new_tokens is None else g.max_new_tokens,
             stop=STOP_STRINGS,
             seed=seed if seed is not None else random.randrange(2**31),  # noqa: S311 (sampling, not secrets)
+            adapter=persona.id if s.adapters and persona.id in getattr(self.runner.engine, "adapters", {}) else None,
         )
 
     async def prepare(self, turn: TurnInput) -> PreparedTurn:

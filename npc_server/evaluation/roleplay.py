@@ -606,6 +606,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "Shipped with NPC_REPLY_CANDIDATES=8: the best first sentence of 8 by rerank.score, then that reply.",
         {"settings": {"reply_candidates": 8}},
     ),
+    "lora": (
+        "Shipped (4 candidates) with each persona's LoRA adapter from `npc-server finetune` applied.",
+        {"settings": {"adapters": True}},
+    ),
+    "no-lora": ("Shipped (4 candidates) without LoRA adapters.", {"settings": {"adapters": False}}),
     "rerank-whole": (
         "4 candidates, chosen on their whole replies instead of their first sentences (no streaming).",
         {"settings": {"reply_candidates": 4}, "whole": True},
@@ -631,7 +636,7 @@ def pipelines(
     engine = runner.engine
 
     def sampling(persona: Persona) -> SamplingParams:
-        return shipped.sampling(persona, 0)
+        return replace(shipped.sampling(persona, 0), adapter=None)  # the raw pipelines run the bare model
 
     def shipped_messages(persona: Persona, history: list[Turn], line: str) -> list[Message]:
         budget = engine.context_tokens - sampling(persona).max_new_tokens
@@ -671,7 +676,7 @@ async def evaluate(
     prompt set), and report."""
     import tempfile
 
-    from npc_server.app import load_engine
+    from npc_server.app import load_adapters, load_engine
     from npc_server.perception.text import TextAnalyzer
     from npc_server.store.sqlite import Store
     from npc_server.threads import in_own_thread
@@ -679,6 +684,7 @@ async def evaluate(
     say = progress or (lambda _: None)
     say("loading the language model and the sentence embedder")
     engine = await in_own_thread(load_engine, settings)
+    await in_own_thread(load_adapters, engine, dict(personas), settings.model_copy(update={"adapters": True}))
     analyzer = await asyncio.to_thread(TextAnalyzer)
     runner = EngineRunner(engine)
     jobs = list(jobs) if jobs is not None else load_jobs(personas, quick=quick)
