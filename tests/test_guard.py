@@ -64,6 +64,10 @@ def test_stops_as_soon_as_the_reply_is_complete() -> None:
         "I'm just a chatbot.",
         "Let me check my computer for that.",
         "How can I assist you today? I am your assistant.",
+        "I'm just a character, and I don't exist.",
+        "Feel free to ask any other questions and I will tailor my response.",
+        "Use the built-in `sort` method, lad.",
+        "Aye, sorted(list) = the answer.",
     ],
 )
 def test_character_breaks_are_caught(text: str) -> None:
@@ -75,6 +79,12 @@ def test_character_breaks_are_caught(text: str) -> None:
 def test_machine_persona_may_say_ai_but_not_language_model() -> None:
     assert character_breaks("I am the ship's AI, and I do not blink.", HALCYON) == []
     assert character_breaks("As a large language model, I cannot.", HALCYON)
+
+
+def test_ordinary_speech_is_not_a_break() -> None:
+    for text in ("Feel free to ask around the market.", "A character like you needs a good blade.",
+                 "The sword (the long one) is sold.", "I exist to work this forge, lad."):
+        assert character_breaks(text, BROKK) == [], text
 
 
 def test_echoing_the_players_word_is_not_an_anachronism() -> None:

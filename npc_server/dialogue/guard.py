@@ -32,18 +32,23 @@ ASSISTANT_TALK = re.compile(
     r"I (?:can(?:'t|not)|am unable to|won't) (?:role-?play|pretend|provide|generate)|"
     r"(?:assist|help) (?:you )?with (?:that|this) request|"
     r"role-?play(?:ing)?|(?:fictional|game|virtual) character|"
-    r"(?:this is|I'm in|I am in) (?:just )?a (?:video game|game|simulation)\b)",
+    r"(?:this is|I'm in|I am in) (?:just )?a (?:video game|game|simulation)\b|"
+    r"feel free to ask(?: me)?(?: any)?(?: other| more| further)? questions|tailor my responses?)",
     re.I,
 )
 # Only a machine may call itself an AI or a program, or say it is not real.
 AI_WORDS = re.compile(r"\b(?:AI|artificial intelligence|machine learning|neural network)\b")
 NOT_ALIVE = re.compile(
     r"\b(?:my programming|I(?:'m| am) (?:just |only )?(?:a |an )?(?:computer )?program\b|"
-    r"I(?:'m| am) (?:not (?:a )?real\b|an? (?:computer|machine|bot)\b)|"
+    r"I(?:'m| am) (?:not (?:a )?real\b|an? (?:computer|machine|bot)\b|(?:just |only )?a character\b)|"
+    r"I don't (?:really |actually )?exist\b|"
     r"I don't have (?:personal )?(?:feelings|emotions|opinions|experiences|a physical body))",
     re.I,
 )
-CODE = re.compile(r"```|\bdef \w+\(|\breturn \w+\(|\bimport \w+|\bprint\(|\blambda \w+:|\w+\.sort\(")
+CODE = re.compile(
+    r"```|\bdef \w+\(|\breturn \w+\(|\bimport \w+|\bprint\(|\blambda \w+:|\w+\.sort\(|"
+    r"`\w+`|\bbuilt-in (?:\w+ )?(?:function|method)\b|\b[a-z_]+\([a-z_, ]*\)\s*="  # code talked about in words
+)
 # The system prompt's own headings and instructions, echoed.
 PROMPT_LEAK = re.compile(
     r"\b(?:personality|how you speak|phrases you use|what you know|what you want|facts you may need)\s*:|"
