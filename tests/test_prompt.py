@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from npc_server.llm.engine import Message
 from npc_server.personas.loader import load_persona_file
-from npc_server.personas.prompt import Turn, build_messages, system_prompt
+from npc_server.personas.prompt import HISTORY_STRIDE, Turn, build_messages, system_prompt
 from npc_server.settings import DEFAULT_PERSONAS
 
 BROKK = load_persona_file(DEFAULT_PERSONAS / "brokk.yaml")
@@ -54,3 +54,22 @@ def test_situation_goes_in_the_late_note_and_the_system_prompt_stays_the_same() 
     assert calm[0] == angry[0]  # the persona prefix is byte-identical, so its KV cache is reused
     assert angry[-2].role == "system" and angry[-2].content.endswith("The player is clearly angry.")
     assert angry[-1].content == "Hello."
+
+
+def test_kept_history_start_moves_in_strides_so_prompts_extend_each_other() -> None:
+    """Once the oldest turns must go, consecutive prompts still start the same way most turns (their KV is
+    reused), and every prompt fits."""
+    full, _ = build_messages(BROKK, [], "Now?", count_tokens=words, budget=10_000)
+    budget = words(full) + 300
+    history = [Turn("player" if i % 2 == 0 else "npc", f"line {i} " + "word " * 20) for i in range(80)]
+    starts, shared = [], 0
+    previous: list[Message] = []
+    for end in range(40, 80, 2):  # one exchange more each turn
+        messages, kept = build_messages(BROKK, history[:end], "Now?", count_tokens=words, budget=budget)
+        assert words(messages) <= budget and kept > 0 and kept % 2 == 0
+        starts.append(end - kept)
+        body = messages[:-1]  # without the player's new line
+        shared += previous[: len(previous) - 1] == body[: len(previous) - 1]
+        previous = body
+    assert all(s % HISTORY_STRIDE == 0 for s in starts)
+    assert shared >= len(starts) // 2  # a one-exchange slide would share nothing after the examples

@@ -192,7 +192,9 @@ class TurnService:
             raise NpcError(
                 "session_id belongs to another player or NPC", code="session_conflict", status=409
             ) from None
-        stored = await asyncio.to_thread(self.store.turns, session.id, HISTORY_LIMIT)
+        stored, total = await asyncio.to_thread(
+            lambda: (self.store.turns(session.id, HISTORY_LIMIT), self.store.turn_count(session.id))
+        )
         history = [Turn(row.role, row.text) for row in stored]
         timings["load_ms"] = _ms(t)
 
@@ -216,6 +218,7 @@ class TurnService:
             count_tokens=engine.count_tokens,
             budget=budget,
             situation=situation,
+            first=total - len(stored),
         )
         timings["prompt_ms"] = _ms(t)
         return PreparedTurn(

@@ -103,6 +103,9 @@ def fixed_messages(persona: Persona) -> list[Message]:
     return head
 
 
+HISTORY_STRIDE = 8  # turns: where the kept history may start once older turns are dropped
+
+
 def build_messages(
     persona: Persona,
     history: Sequence[Turn],
@@ -114,11 +117,16 @@ def build_messages(
     facts: int = FACTS,
     remind: bool = REMIND,
     relevant: Sequence[str] | None = None,
+    first: int = 0,
 ) -> tuple[list[Message], int]:
     """Messages for the model, dropping the oldest history until they fit `budget` tokens.
 
     Returns the messages and how many history turns were kept. The persona and the player's new line
     always stay; example exchanges go before the real history, as earlier turns of the conversation.
+    `first` is the conversation's index of `history[0]`. Once history has to be dropped, the kept part
+    starts at a multiple of HISTORY_STRIDE turns of the conversation, so the start stays put for several
+    turns and the prompt of the next turn begins with this one's, its KV already computed (a window that
+    slid by one exchange every turn would change the prompt right after the examples, every turn).
     A system note goes just before the player's line: up to `facts` knowledge facts relevant to it
     (`relevant`, when the caller chose them, else `relevant_facts`), a reminder of who the NPC is when
     `remind`, and the `situation`. The system prompt and examples stay the same every turn, so their KV is
@@ -130,16 +138,15 @@ def build_messages(
     tail = ([Message("system", late)] if late else []) + [Message("user", player_text)]
     past = [Message("user" if t.role == "player" else "assistant", t.text) for t in history]
     # Keep whole exchanges: never start the kept history on an NPC line.
-    keep = len(past)
-    while keep > 0:
-        start = len(past) - keep
-        if past[start].role == "assistant":
-            keep -= 1
-            continue
-        messages = head + past[start:] + tail
-        if count_tokens(messages) <= budget:
-            return messages, keep
-        keep -= 1
+    for aligned in (True, False):  # a start on the stride if any fits, else the most history that fits
+        for start in range(len(past)):
+            if past[start].role == "assistant":
+                continue
+            if aligned and (start > 0 or first > 0) and (first + start) % HISTORY_STRIDE:
+                continue
+            messages = head + past[start:] + tail
+            if count_tokens(messages) <= budget:
+                return messages, len(past) - start
     messages = head + tail
     if count_tokens(messages) > budget:  # drop examples before giving up on the persona
         messages = [head[0], *tail]

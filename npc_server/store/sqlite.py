@@ -108,6 +108,10 @@ class Store:
             )
             self._db.execute("UPDATE sessions SET updated_at=? WHERE id=?", (now, session_id))
 
+    def turn_count(self, session_id: str) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM turns WHERE session_id=?", (session_id,)).fetchone()[0])
+
     def turns(self, session_id: str, limit: int | None = None) -> list[TurnRow]:
         """The session's turns in order; with `limit`, only the latest ones."""
         with self._lock:
