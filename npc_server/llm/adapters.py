@@ -32,7 +32,7 @@ class Adapter:
     layers: list[dict[str, LowRank]]  # per layer: fused projection -> its pair (absent: not trained)
 
 
-def load_adapter(name: str, folder: Path, shapes: list[dict[str, tuple[int, ...]]], dtype: torch.dtype) -> Adapter:
+def load_adapter(name: str, folder: Path, shapes: list[dict[str, tuple[int, ...]]]) -> Adapter:
     """`shapes`: per layer, each part's weight shape, keyed like FUSED's module names."""
     config = json.loads((folder / "adapter_config.json").read_text())
     scale = float(config["lora_alpha"]) / float(config["r"])
@@ -54,7 +54,7 @@ def load_adapter(name: str, folder: Path, shapes: list[dict[str, tuple[int, ...]
                     a[k * rank : (k + 1) * rank] = pair[0]
                     b[row : row + out, k * rank : (k + 1) * rank] = pair[1] * scale
                 row += out
-            fused[projection] = (a.to(dtype), b.to(dtype))
+            fused[projection] = (a, b)  # float32 whatever the model's dtype: see llama._lora
         layers.append(fused)
     if not any(layers):
         raise ValueError(f"{folder}: no LoRA weights for this model's projections")

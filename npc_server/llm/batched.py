@@ -145,7 +145,7 @@ class BatchedEngine(LocalEngine):
 
     def load_adapter(self, name: str, folder: Path) -> None:
         """Load a LoRA adapter (peft's files) that requests may then name in `SamplingParams.adapter`."""
-        self.adapters[name] = load_adapter(name, folder, self.packed.part_shapes, self.dtype)
+        self.adapters[name] = load_adapter(name, folder, self.packed.part_shapes)
 
     # --- the caller's side -------------------------------------------------------------------------
 
@@ -314,7 +314,9 @@ class BatchedEngine(LocalEngine):
         for i, seq in enumerate(batch):
             if seq.adapter is not None:
                 rows.setdefault(seq.adapter.name, []).append(i)
-        adapters = [(torch.tensor(r), self.adapters[name]) for name, r in rows.items()]
+        adapters: Adapters = [
+            (slice(None) if len(r) == len(batch) else torch.tensor(r), self.adapters[name]) for name, r in rows.items()
+        ]
         logits = self._forward_decode(tokens, positions, adapters)
         self.steps += 1
         self.batched_tokens += len(batch)

@@ -133,8 +133,13 @@ def _lora(y: torch.Tensor, x: torch.Tensor, adapters: Adapters, layer: int, proj
     """y (the projection of x) plus each adapter's low-rank correction on its rows."""
     for rows, adapter in adapters:
         pair = adapter.layers[layer].get(projection)
-        if pair is not None:
-            y[rows] += (x[rows] @ pair[0].T) @ pair[1].T
+        if pair is None:
+            continue
+        # float32: products this small cost ~7 us in float32 and ~40 us in bf16 on the CPU
+        if isinstance(rows, slice):  # every row (the common one-stream case): in place, no gather
+            y.view(-1, y.shape[-1]).add_((x.reshape(-1, x.shape[-1]).float() @ pair[0].T) @ pair[1].T)
+        else:
+            y[rows] += ((x[rows].float() @ pair[0].T) @ pair[1].T).to(y.dtype)
     return y
 
 
