@@ -58,6 +58,7 @@ def test_adapter_matches_merged_weights_and_shares_a_batch(made: tuple[Path, Pat
     engine = BatchedEngine(base, dtype="float32", max_batch=4, prefill_chunk=8)
     try:
         engine.load_adapter("brokk", adapter)
+        engine.load_adapter("again", adapter)  # a second slot in the stacks, with the same weights
         assert run(engine) == expected_base  # cached without the adapter first...
         assert run(engine, SamplingParams(temperature=0.0, max_new_tokens=12, adapter="brokk")) == expected_lora
         out: dict[str, str] = {}
@@ -65,7 +66,12 @@ def test_adapter_matches_merged_weights_and_shares_a_batch(made: tuple[Path, Pat
         def work(key: str, params: SamplingParams) -> None:
             out[key] = run(engine, params)
 
-        jobs = [("base", GREEDY), ("lora", SamplingParams(temperature=0.0, max_new_tokens=12, adapter="brokk"))] * 2
+        jobs = [
+            ("base", GREEDY),
+            ("lora", SamplingParams(temperature=0.0, max_new_tokens=12, adapter="brokk")),
+            ("base", GREEDY),
+            ("lora", SamplingParams(temperature=0.0, max_new_tokens=12, adapter="again")),
+        ]
         threads = [threading.Thread(target=work, args=(f"{k}{i}", p)) for i, (k, p) in enumerate(jobs)]
         for t in threads:
             t.start()

@@ -3,13 +3,16 @@
 An adapter is peft's output (`adapter_config.json`, `adapter_model.safetensors`), read without peft. Each of
 the forward's fused projections (q/k/v, o, gate/up, down) gets one low-rank pair: the A matrices of its parts
 stacked, and a block-diagonal B with the scale alpha/r folded in, so a row's correction is two small products,
-`(x @ A.T) @ B.T`, whichever of the parts were trained. Rows of a batch use different adapters or none.
+`(x @ A.T) @ B.T`, whichever of the parts were trained.
+
+Every loaded adapter sits in one stack per projection, index 0 being "no adapter" (zeros), so a decode step
+whose rows use different adapters corrects them all with two batched products, however many adapters the
+batch mixes. The products run in float32: this small, they cost ~7 us each on the CPU against ~40 us in bf16.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,25 +26,40 @@ FUSED = {
     "down": ("mlp.down_proj",),
 }
 
-LowRank = tuple[torch.Tensor, torch.Tensor]  # (A [r', in], B [out, r'])
+LowRank = tuple[torch.Tensor, torch.Tensor]  # (A [.., r', in], B [.., out, r'])
 
 
-@dataclass
-class Adapter:
-    name: str
-    layers: list[dict[str, LowRank]]  # per layer: fused projection -> its pair (absent: not trained)
+class AdapterSet:
+    """The loaded adapters, by name, stacked per layer and projection: A [n + 1, r', in], B [n + 1, out, r']."""
 
+    def __init__(self, shapes: list[dict[str, tuple[int, ...]]]) -> None:
+        self.shapes = shapes  # per layer, each part's weight shape, keyed like FUSED's module names
+        self.index: dict[str, int] = {}
+        self.layers: list[dict[str, LowRank]] = [{} for _ in shapes]
 
-def load_adapter(name: str, folder: Path, shapes: list[dict[str, tuple[int, ...]]]) -> Adapter:
-    """`shapes`: per layer, each part's weight shape, keyed like FUSED's module names."""
-    config = json.loads((folder / "adapter_config.json").read_text())
-    scale = float(config["lora_alpha"]) / float(config["r"])
-    weights = load_file(str(folder / "adapter_model.safetensors"))
-    layers: list[dict[str, LowRank]] = []
-    for i, parts in enumerate(shapes):
-        fused: dict[str, LowRank] = {}
+    def __contains__(self, name: object) -> bool:
+        return name in self.index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def load(self, name: str, folder: Path) -> None:
+        """Add (or replace) adapter `name` from peft's files in `folder`."""
+        config = json.loads((folder / "adapter_config.json").read_text())
+        scale = float(config["lora_alpha"]) / float(config["r"])
+        weights = load_file(str(folder / "adapter_model.safetensors"))
+        pairs = [self._fused(weights, i, scale) for i in range(len(self.shapes))]
+        if not any(pairs):
+            raise ValueError(f"{folder}: no LoRA weights for this model's projections")
+        slot = self.index.setdefault(name, len(self.index) + 1)
+        for stacked, new in zip(self.layers, pairs, strict=True):
+            for projection, (a, b) in new.items():
+                stacked[projection] = _put(stacked.get(projection), slot, a, b)
+
+    def _fused(self, weights: dict[str, torch.Tensor], layer: int, scale: float) -> dict[str, LowRank]:
+        parts, fused = self.shapes[layer], {}
         for projection, modules in FUSED.items():
-            found = [_pair(weights, i, m) for m in modules]
+            found = [_pair(weights, layer, m) for m in modules]
             if all(f is None for f in found):
                 continue
             rank = next(f for f in found if f is not None)[0].shape[0]
@@ -54,11 +72,22 @@ def load_adapter(name: str, folder: Path, shapes: list[dict[str, tuple[int, ...]
                     a[k * rank : (k + 1) * rank] = pair[0]
                     b[row : row + out, k * rank : (k + 1) * rank] = pair[1] * scale
                 row += out
-            fused[projection] = (a, b)  # float32 whatever the model's dtype: see llama._lora
-        layers.append(fused)
-    if not any(layers):
-        raise ValueError(f"{folder}: no LoRA weights for this model's projections")
-    return Adapter(name, layers)
+            fused[projection] = (a, b)
+        return fused
+
+
+def _put(stacked: LowRank | None, slot: int, a: torch.Tensor, b: torch.Tensor) -> LowRank:
+    """The stack with (a, b) at `slot`, grown (more slots, a larger rank padded with zeros) as needed."""
+    old_a, old_b = stacked if stacked is not None else (torch.zeros(1, 0, a.shape[1]), torch.zeros(1, b.shape[0], 0))
+    n, rank = max(old_a.shape[0], slot + 1), max(old_a.shape[1], a.shape[0])
+    new_a, new_b = torch.zeros(n, rank, a.shape[1]), torch.zeros(n, b.shape[0], rank)
+    new_a[: old_a.shape[0], : old_a.shape[1]] = old_a
+    new_b[: old_b.shape[0], :, : old_b.shape[2]] = old_b
+    new_a[slot] = 0
+    new_b[slot] = 0
+    new_a[slot, : a.shape[0]] = a
+    new_b[slot, :, : b.shape[1]] = b
+    return new_a, new_b
 
 
 def _pair(weights: dict[str, torch.Tensor], layer: int, module: str) -> LowRank | None:

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from npc_server.errors import NpcError
-from npc_server.llm.adapters import Adapter, load_adapter
+from npc_server.llm.adapters import AdapterSet
 from npc_server.llm.engine import GenerationStats, Message, SamplingParams
-from npc_server.llm.llama import Adapters, PackedLlama
+from npc_server.llm.llama import Lora, PackedLlama
 from npc_server.llm.local import Detokenizer, LocalEngine, sample
 from npc_server.threads import use_cores
 
@@ -52,7 +52,7 @@ class _Sequence:
     produced: int = 0
     seen: torch.Tensor | None = None  # prompt + generated ids, for the repetition penalty
     generator: torch.Generator | None = None
-    adapter: Adapter | None = None
+    adapter: int = 0  # its LoRA adapter's slot in the engine's AdapterSet; 0: none
 
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [kv_heads, T, head_dim]
@@ -132,7 +132,7 @@ class BatchedEngine(LocalEngine):
         self.prefill_chunk = prefill_chunk
         self._wake = threading.Event()
         self._stop = False
-        self.adapters: dict[str, Adapter] = {}
+        self.adapters = AdapterSet(self.packed.part_shapes)
         self.steps = 0
         self.batched_tokens = 0
         self._thread = threading.Thread(target=self._loop, name="llm-scheduler", daemon=True)
@@ -144,8 +144,9 @@ class BatchedEngine(LocalEngine):
         self._thread.join(timeout=5)
 
     def load_adapter(self, name: str, folder: Path) -> None:
-        """Load a LoRA adapter (peft's files) that requests may then name in `SamplingParams.adapter`."""
-        self.adapters[name] = load_adapter(name, folder, self.packed.part_shapes)
+        """Load a LoRA adapter (peft's files) that requests may then name in `SamplingParams.adapter`. Before
+        serving: the stacks are replaced, not locked."""
+        self.adapters.load(name, folder)
 
     # --- the caller's side -------------------------------------------------------------------------
 
@@ -164,7 +165,7 @@ class BatchedEngine(LocalEngine):
         if params.adapter is not None:
             if params.adapter not in self.adapters:
                 raise ValueError(f"no adapter named {params.adapter!r} is loaded")
-            seq.adapter = self.adapters[params.adapter]
+            seq.adapter = self.adapters.index[params.adapter]
         stats.prompt_tokens = len(prompt)
         try:
             self._waiting.put_nowait(seq)
@@ -261,8 +262,8 @@ class BatchedEngine(LocalEngine):
             self._filling = None
             return 0
         start, end = seq.length, min(len(seq.prompt), seq.length + budget)
-        adapters = [(slice(None), seq.adapter)] if seq.adapter is not None else []
-        logits = self._forward_prefill(seq.seen[start:end], seq.slot, start, adapters)
+        lora = (seq.adapter, self.adapters) if seq.adapter else None
+        logits = self._forward_prefill(seq.seen[start:end], seq.slot, start, lora)
         seq.length = end
         if end < len(seq.prompt):
             return end - start
@@ -310,14 +311,11 @@ class BatchedEngine(LocalEngine):
         batch = self._active
         tokens = torch.tensor([s.last for s in batch])
         positions = torch.tensor([s.length for s in batch])
-        rows: dict[str, list[int]] = {}
-        for i, seq in enumerate(batch):
-            if seq.adapter is not None:
-                rows.setdefault(seq.adapter.name, []).append(i)
-        adapters: Adapters = [
-            (slice(None) if len(r) == len(batch) else torch.tensor(r), self.adapters[name]) for name, r in rows.items()
-        ]
-        logits = self._forward_decode(tokens, positions, adapters)
+        slots = [s.adapter for s in batch]
+        lora: Lora = None
+        if any(slots):
+            lora = (slots[0] if len(set(slots)) == 1 else torch.tensor(slots), self.adapters)
+        logits = self._forward_decode(tokens, positions, lora)
         self.steps += 1
         self.batched_tokens += len(batch)
         for i, seq in enumerate(batch):
@@ -342,7 +340,7 @@ class BatchedEngine(LocalEngine):
 
     # --- the model ---------------------------------------------------------------------------------
 
-    def _forward_prefill(self, ids: torch.Tensor, slot: int, start: int, adapters: Adapters = ()) -> torch.Tensor:
+    def _forward_prefill(self, ids: torch.Tensor, slot: int, start: int, lora: Lora = None) -> torch.Tensor:
         """Prefill ids [T] into `slot` after `start` cached positions; returns the last position's logits [V]."""
         end = start + len(ids)
         positions = torch.arange(start, end)[None]
@@ -354,11 +352,11 @@ class BatchedEngine(LocalEngine):
             self._v[layer][slot, :, start:end] = v[0]
             return self._k[layer][slot : slot + 1, :, :end], self._v[layer][slot : slot + 1, :, :end]
 
-        hidden = self.packed.forward(ids[None], positions, write, mask, adapters)
+        hidden = self.packed.forward(ids[None], positions, write, mask, lora)
         self._finite[slot] = max(self._finite[slot], end)
         return self.packed.logits(hidden[0, -1])
 
-    def _forward_decode(self, tokens: torch.Tensor, positions: torch.Tensor, adapters: Adapters = ()) -> torch.Tensor:
+    def _forward_decode(self, tokens: torch.Tensor, positions: torch.Tensor, lora: Lora = None) -> torch.Tensor:
         """One step for the active slots 0..B-1: tokens [B] at positions [B]; returns logits [B, V]."""
         b = len(tokens)
         longest = int(positions.max()) + 1
@@ -376,5 +374,5 @@ class BatchedEngine(LocalEngine):
             self._v[layer][slots, :, positions] = v[:, :, 0]
             return self._k[layer][:b, :, :longest], self._v[layer][:b, :, :longest]
 
-        hidden = self.packed.forward(tokens[:, None], positions[:, None], write, mask, adapters)
+        hidden = self.packed.forward(tokens[:, None], positions[:, None], write, mask, lora)
         return self.packed.logits(hidden[:, -1])

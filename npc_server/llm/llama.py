@@ -14,19 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from npc_server.llm.adapters import FUSED, Adapter
+from npc_server.llm.adapters import FUSED, AdapterSet
 
 # (layer, new keys [B, kv_heads, T, D], new values) -> (all keys, all values) to attend to
 Write = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-# Rows of the batch (an index tensor, or slice(None) for all) and the LoRA adapter they run with
-Adapters = Sequence[tuple[torch.Tensor | slice, Adapter]]
+# LoRA for a forward: the adapter slot every row uses, or one slot per row [B] (0: none), and the adapters
+Lora = tuple[int | torch.Tensor, AdapterSet] | None
 
 
 INT8_ROWS = 4  # up to this many rows (tokens in a step), the int8 copy is faster; beyond, the native one
@@ -99,7 +99,7 @@ class PackedLlama:
         _give_back_freed_memory()
 
     def forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, write: Write, mask: torch.Tensor, adapters: Adapters = ()
+        self, ids: torch.Tensor, positions: torch.Tensor, write: Write, mask: torch.Tensor, lora: Lora = None
     ) -> torch.Tensor:
         """Hidden states after the final norm for ids [B, T] at positions [B, T]."""
         x = F.embedding(ids, self.embed)
@@ -112,34 +112,37 @@ class PackedLlama:
         qk_heads = self.heads + self.kv_heads
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (self.hidden,), layer.attn_norm, self.eps)
-            qkv = _lora(layer.qkv(h), h, adapters, i, "qkv").view(b, t, qk_heads + self.kv_heads, self.head_dim)
+            qkv = _lora(layer.qkv(h), h, lora, i, "qkv").view(b, t, qk_heads + self.kv_heads, self.head_dim)
             qk = qkv[:, :, :qk_heads]
             qk = (qk * cos + qk.roll(half, dims=-1) * sin).transpose(1, 2)  # [B, heads + kv_heads, T, D]
             keys, values = write(i, qk[:, self.heads :], qkv[:, :, qk_heads:].transpose(1, 2))
             a = F.scaled_dot_product_attention(qk[:, : self.heads], keys, values, attn_mask=mask, enable_gqa=True)
             a = a.transpose(1, 2).reshape(b, t, -1)
-            x = x + _lora(layer.out(a), a, adapters, i, "out")
+            x = x + _lora(layer.out(a), a, lora, i, "out")
             h = F.rms_norm(x, (self.hidden,), layer.mlp_norm, self.eps)
-            gate, up = _lora(layer.gate_up(h), h, adapters, i, "gate_up").chunk(2, dim=-1)
+            gate, up = _lora(layer.gate_up(h), h, lora, i, "gate_up").chunk(2, dim=-1)
             h = F.silu(gate) * up
-            x = x + _lora(layer.down(h), h, adapters, i, "down")
+            x = x + _lora(layer.down(h), h, lora, i, "down")
         return F.rms_norm(x, (self.hidden,), self.norm, self.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
 
-def _lora(y: torch.Tensor, x: torch.Tensor, adapters: Adapters, layer: int, projection: str) -> torch.Tensor:
-    """y (the projection of x) plus each adapter's low-rank correction on its rows."""
-    for rows, adapter in adapters:
-        pair = adapter.layers[layer].get(projection)
-        if pair is None:
-            continue
-        # float32: products this small cost ~7 us in float32 and ~40 us in bf16 on the CPU
-        if isinstance(rows, slice):  # every row (the common one-stream case): in place, no gather
-            y.view(-1, y.shape[-1]).add_((x.reshape(-1, x.shape[-1]).float() @ pair[0].T) @ pair[1].T)
-        else:
-            y[rows] += ((x[rows].float() @ pair[0].T) @ pair[1].T).to(y.dtype)
+def _lora(y: torch.Tensor, x: torch.Tensor, lora: Lora, layer: int, projection: str) -> torch.Tensor:
+    """y (the projection of x [B, T, in]) plus the low-rank correction of each row's adapter, in place."""
+    if lora is None:
+        return y
+    slots, adapters = lora
+    pair = adapters.layers[layer].get(projection)
+    if pair is None:
+        return y
+    a, b = pair[0][slots], pair[1][slots]  # one slot: [r, in], [out, r]; a slot per row: [B, r, in], [B, out, r]
+    x = x.float()
+    if isinstance(slots, int):
+        y.view(-1, y.shape[-1]).add_((x.reshape(-1, x.shape[-1]) @ a.T) @ b.T)
+    else:
+        y.add_(torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2)))
     return y
 
 
