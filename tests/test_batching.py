@@ -147,3 +147,24 @@ def test_int8_weights_stay_close_to_the_model_weights(rows: int) -> None:
     assert error < 0.02
     wide = torch.randn(INT8_ROWS + 1, 128, dtype=torch.bfloat16)
     assert torch.equal(int8(wide), F.linear(wide, w))  # larger batches use the model's own weights
+
+
+def test_prefix_cache_keeps_one_entry_per_conversation() -> None:
+    """A conversation's next prompt repeats its last one up to the end of the history: the old entry goes."""
+    from npc_server.llm.batched import PrefixCache
+
+    def ids(*parts: range) -> torch.Tensor:
+        return torch.tensor([i for part in parts for i in part])
+
+    kv = [(torch.zeros(1, 1, 1), torch.zeros(1, 1, 1))]
+    cache = PrefixCache(100_000)
+    turn1 = ids(range(900), range(5000, 5100))  # persona + history, then note and line
+    other = ids(range(700), range(6000, 6300))  # another conversation with the same persona
+    cache.add(turn1, kv)
+    cache.add(other, kv)
+    turn2 = ids(range(900), range(7000, 7200))  # the same history, then the last exchange, note and line
+    cache.add(turn2, kv)
+    kept = [len(entry) for entry, _ in cache.entries.values()]
+    assert sorted(kept) == [1000, 1100] and cache.tokens == 2100  # turn1 superseded; the other conversation kept
+    assert cache.longest(ids(range(900), range(7000, 7100)))[0] == 1000
+    assert cache.longest(ids(range(900), range(9000, 9010)))[0] == 900  # a new conversation: the shared part

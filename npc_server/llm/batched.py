@@ -58,9 +58,17 @@ class _Sequence:
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [kv_heads, T, head_dim]
 
 
+SUPERSEDED = 128  # tokens: an entry whose all but this many a new prompt repeats is dropped for it
+
+
 class PrefixCache:
     """KV of recent prompts, evicted least-recently-used beyond a token budget. KV computed with a LoRA adapter
-    only serves prompts run with the same adapter."""
+    only serves prompts run with the same adapter.
+
+    A conversation's next prompt repeats its last one up to the note before the player's line, so an entry
+    that a new prompt repeats all but its last few tokens of is superseded by the new one and dropped: the
+    cache then holds about one entry per live conversation instead of one per turn, and persona prefixes
+    are not pushed out by a few busy conversations."""
 
     def __init__(self, max_tokens: int) -> None:
         self.max_tokens = max_tokens
@@ -69,16 +77,19 @@ class PrefixCache:
         self.hits = 0
         self.reused_tokens = 0
 
+    def _matches(self, prompt: torch.Tensor, adapter: str | None) -> Iterator[tuple[int, tuple[str | None, int]]]:
+        """(positions shared with `prompt`, key) for each entry of the same adapter."""
+        for key, (ids, _) in self.entries.items():
+            if key[0] == adapter:
+                n = min(len(ids), len(prompt))
+                same = (ids[:n] == prompt[:n]).to(torch.int8)
+                yield (n if bool(same.all()) else int(torch.argmin(same))), key
+
     def longest(self, prompt: torch.Tensor, adapter: str | None = None) -> tuple[int, KV | None]:
         best, best_kv, best_key = 0, None, None
-        for key, (ids, kv) in self.entries.items():
-            if key[0] != adapter:
-                continue
-            n = min(len(ids), len(prompt))
-            same = (ids[:n] == prompt[:n]).to(torch.int8)
-            match = n if bool(same.all()) else int(torch.argmin(same))
+        for match, key in self._matches(prompt, adapter):
             if match > best:
-                best, best_kv, best_key = match, kv, key
+                best, best_kv, best_key = match, self.entries[key][1], key
         if best_key is not None:
             self.entries.move_to_end(best_key)
         return best, best_kv
@@ -87,6 +98,9 @@ class PrefixCache:
         key = (adapter, hash(tuple(prompt.tolist())))
         if key in self.entries or len(prompt) > self.max_tokens:
             return
+        for match, old_key in list(self._matches(prompt, adapter)):
+            if match >= len(self.entries[old_key][0]) - SUPERSEDED:
+                self.tokens -= len(self.entries.pop(old_key)[0])
         self.entries[key] = (prompt, kv)
         self.tokens += len(prompt)
         while self.tokens > self.max_tokens:
