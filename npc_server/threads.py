@@ -6,6 +6,7 @@ hundreds of small regions: one step of the 135M model takes ~23 ms on 2 cores wi
 process and ~40 ms with two. So one thread owns a multi-threaded team (the batched engine's scheduler, or the
 caller of `LocalEngine.generate`), every other thread that touches torch uses one core, and work that wants every
 core once (loading and packing weights) runs in a thread that ends afterwards, taking its workers with it.
+`OMP_WAIT_POLICY=PASSIVE` parks the workers always: leave it unset.
 """
 
 from __future__ import annotations
