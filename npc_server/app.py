@@ -96,17 +96,17 @@ def load_adapters(engine: Engine, personas: dict[str, Persona], settings: Settin
             log.info("adapter for %s loaded from %s", persona_id, folder)
 
 
-def prefill_personas(engine: Engine, personas: dict[str, Persona]) -> None:
+def prefill_personas(
+    engine: Engine, personas: dict[str, Persona], adapter: Callable[[Persona], str | None] = lambda _: None
+) -> None:
     """Put every persona's fixed prompt into the engine's prefix cache, so even the first turn with each
-    NPC only computes what follows it (blocking: a worker thread)."""
+    NPC only computes what follows it (blocking: a worker thread). `adapter`: the LoRA adapter the persona's
+    turns run with (its KV differs)."""
     cache = getattr(engine, "prefix_cache", None)
     if cache is None or cache.max_tokens == 0:
         return
-    adapters = getattr(engine, "adapters", {})
     for persona in personas.values():
-        params = SamplingParams(
-            temperature=0.0, max_new_tokens=1, adapter=persona.id if persona.id in adapters else None
-        )
+        params = SamplingParams(temperature=0.0, max_new_tokens=1, adapter=adapter(persona))
         messages = [*fixed_messages(persona), Message("user", "Hello.")]
         for _ in engine.generate(messages, params, GenerationStats(), threading.Event()):
             pass
@@ -162,7 +162,7 @@ def create_app(settings: Settings | None = None, *, engine_factory: EngineFactor
             service = await asyncio.to_thread(
                 TurnService, personas, EngineRunner(engine), store, settings, perception, fuser, embed
             )
-            await timed("prefill_ms", lambda _: prefill_personas(engine, personas))
+            await timed("prefill_ms", lambda _: prefill_personas(engine, personas, service.adapter))
             state.service = service  # ready
             state.startup_ms["ready_ms"] = round((time.perf_counter() - started) * 1000, 1)
             log.info("ready in %.1f s (model %s)", time.perf_counter() - started, engine.name)

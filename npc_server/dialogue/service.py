@@ -165,8 +165,13 @@ class TurnService:
             max_new_tokens=s.max_new_tokens if g.max_new_tokens is None else g.max_new_tokens,
             stop=STOP_STRINGS,
             seed=seed if seed is not None else random.randrange(2**31),  # noqa: S311 (sampling, not secrets)
-            adapter=persona.id if s.adapters and persona.id in getattr(self.runner.engine, "adapters", {}) else None,
+            adapter=self.adapter(persona),
         )
+
+    def adapter(self, persona: Persona) -> str | None:
+        """The LoRA adapter this persona's turns run with: its own, where the engine loaded one."""
+        loaded = getattr(self.runner.engine, "adapters", {})
+        return persona.id if self.settings.adapters and persona.id in loaded else None
 
     async def prepare(self, turn: TurnInput) -> PreparedTurn:
         """Everything before generation: perception, session, history and prompt.
