@@ -4,6 +4,7 @@ int8 weights for small batches stay close to the model's own."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -22,7 +23,14 @@ from npc_server.settings import DEFAULT_PERSONAS
 from tests.conftest import MODEL_CACHE
 
 SYSTEM = Message("system", "You are Brokk, a gruff dwarven blacksmith of the Greyhorn Mountains.")
-QUESTIONS = ["Can you fix my sword?", "What is your name?", "Tell me about the mountain.", "How much for an axe?"]
+QUESTIONS = [
+    "Can you fix my sword?",
+    "What is your name?",
+    "Tell me about the mountain, the old mines under it and the dragon that people say sleeps in the deepest one.",
+    "How much for an axe?",
+    "Hi.",
+    "I walked here from the coast for nine days, through rain and mud, to ask you for one thing: a blade.",
+]
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=20)
 
 
@@ -41,9 +49,11 @@ def reference(folder) -> dict[str, str]:  # type: ignore[no-untyped-def]
     return {q: generate(engine, prompt(q)) for q in QUESTIONS}
 
 
-@pytest.fixture
-def batched(folder) -> Iterator[BatchedEngine]:  # type: ignore[no-untyped-def]
-    engine = BatchedEngine(folder, dtype="float32", max_batch=4, prefill_chunk=16)  # prompts fill in chunks
+@pytest.fixture(params=[16, 256], ids=["one-prompt-per-chunk", "prompts-filled-together"])
+def batched(folder, request) -> Iterator[BatchedEngine]:  # type: ignore[no-untyped-def]
+    # 16: each prompt fills in several chunks; 256: several prompts fill in one forward. More questions than
+    # slots: sequences join as others leave, into whichever slots are free.
+    engine = BatchedEngine(folder, dtype="float32", max_batch=4, prefill_chunk=request.param)
     yield engine
     engine.close()
 
@@ -94,6 +104,42 @@ def test_cancelling_one_session_leaves_the_others_unchanged(batched: BatchedEngi
     victim.join(60)
     assert len(seen) <= 4
     assert others == {q: reference[q] for q in QUESTIONS[:3]}
+
+
+def test_a_prompt_filled_alongside_others_moves_into_place(folder, reference) -> None:  # type: ignore[no-untyped-def]
+    """The scheduler driven by hand into the case where a filled prompt's place after the active sequences is
+    held by another prompt being filled: the two swap slots and both get what they would alone."""
+    engine = BatchedEngine(folder, dtype="float32", max_batch=4, prefill_chunk=256)
+    engine.close()  # the test runs the scheduler's steps itself
+    out: dict[str, str] = {}
+    cancel_first = threading.Event()
+
+    def submit(q: str, cancel: threading.Event | None = None) -> threading.Thread:
+        waiting = engine._waiting.qsize()
+        t = threading.Thread(target=lambda: out.__setitem__(q, generate(engine, prompt(q), cancel)))
+        t.start()
+        while engine._waiting.qsize() == waiting:
+            time.sleep(0.01)
+        return t
+
+    first = submit("Sing me a song.", cancel_first)
+    engine._admit()
+    engine._prefill()  # decoding in slot 0
+    a = submit(QUESTIONS[0])
+    engine._admit()  # filling in slot 1
+    cancel_first.set()
+    engine._retire()  # slot 0 is free again
+    c = submit(QUESTIONS[1])
+    engine._admit()  # filling in slot 0
+    assert [s.slot for s in engine._filling] == [1, 0]
+    engine._stop = False
+    engine._thread = threading.Thread(target=engine._loop, daemon=True)
+    engine._thread.start()
+    for t in (first, a, c):
+        t.join(60)
+    engine.close()
+    assert out[QUESTIONS[0]] == reference[QUESTIONS[0]]
+    assert out[QUESTIONS[1]] == reference[QUESTIONS[1]]
 
 
 def test_prefix_cached_equals_uncached(folder, reference) -> None:  # type: ignore[no-untyped-def]

@@ -3,7 +3,8 @@
 An adapter is peft's output (`adapter_config.json`, `adapter_model.safetensors`), read without peft. Each of
 the forward's fused projections (q/k/v, o, gate/up, down) gets one low-rank pair: the A matrices of its parts
 stacked, and a block-diagonal B with the scale alpha/r folded in, so a row's correction is two small products,
-`(x @ A.T) @ B.T`, whichever of the parts were trained.
+`(x @ A.T) @ B.T`, whichever of the parts were trained. The stacks hold A.T and B.T, contiguous per adapter:
+one adapter's pair is then a plain view.
 
 Every loaded adapter sits in one stack per projection, index 0 being "no adapter" (zeros), so a decode step
 whose rows use different adapters corrects them all with two batched products, however many adapters the
@@ -26,11 +27,11 @@ FUSED = {
     "down": ("mlp.down_proj",),
 }
 
-LowRank = tuple[torch.Tensor, torch.Tensor]  # (A [.., r', in], B [.., out, r'])
+LowRank = tuple[torch.Tensor, torch.Tensor]  # (A.T [.., in, r'], B.T [.., r', out])
 
 
 class AdapterSet:
-    """The loaded adapters, by name, stacked per layer and projection: A [n + 1, r', in], B [n + 1, out, r']."""
+    """The loaded adapters, by name, stacked per layer and projection: A.T [n + 1, in, r'], B.T [n + 1, r', out]."""
 
     def __init__(self, shapes: list[dict[str, tuple[int, ...]]]) -> None:
         self.shapes = shapes  # per layer, each part's weight shape, keyed like FUSED's module names
@@ -72,21 +73,22 @@ class AdapterSet:
                     a[k * rank : (k + 1) * rank] = pair[0]
                     b[row : row + out, k * rank : (k + 1) * rank] = pair[1] * scale
                 row += out
-            fused[projection] = (a, b)
+            fused[projection] = (a.T, b.T)
         return fused
 
 
 def _put(stacked: LowRank | None, slot: int, a: torch.Tensor, b: torch.Tensor) -> LowRank:
-    """The stack with (a, b) at `slot`, grown (more slots, a larger rank padded with zeros) as needed."""
-    old_a, old_b = stacked if stacked is not None else (torch.zeros(1, 0, a.shape[1]), torch.zeros(1, b.shape[0], 0))
-    n, rank = max(old_a.shape[0], slot + 1), max(old_a.shape[1], a.shape[0])
-    new_a, new_b = torch.zeros(n, rank, a.shape[1]), torch.zeros(n, b.shape[0], rank)
-    new_a[: old_a.shape[0], : old_a.shape[1]] = old_a
-    new_b[: old_b.shape[0], :, : old_b.shape[2]] = old_b
+    """The stack with (a [in, r'], b [r', out]) at `slot`, grown (more slots, a larger rank padded with zeros) as
+    needed."""
+    old_a, old_b = stacked if stacked is not None else (torch.zeros(1, a.shape[0], 0), torch.zeros(1, 0, b.shape[1]))
+    n, rank = max(old_a.shape[0], slot + 1), max(old_a.shape[2], a.shape[1])
+    new_a, new_b = torch.zeros(n, a.shape[0], rank), torch.zeros(n, rank, b.shape[1])
+    new_a[: old_a.shape[0], :, : old_a.shape[2]] = old_a
+    new_b[: old_b.shape[0], : old_b.shape[1]] = old_b
     new_a[slot] = 0
     new_b[slot] = 0
-    new_a[slot, : a.shape[0]] = a
-    new_b[slot, :, : b.shape[1]] = b
+    new_a[slot, :, : a.shape[1]] = a
+    new_b[slot, : b.shape[0]] = b
     return new_a, new_b
 
 

@@ -1,8 +1,10 @@
 """A continuous-batching engine for Llama-architecture models (SmolLM2 and its family) on the CPU.
 
 One scheduler thread owns the model. Every decode step runs all active sequences together, so the
-weights are read once per step for every session that is generating. Sequences join between steps
-(their prompt is prefilled on its own) and leave the moment they finish or are cancelled.
+weights are read once per step for every session that is generating. Sequences join between steps and
+leave the moment they finish or are cancelled. Joining sequences are prefilled together too: one forward
+computes the next chunk of every waiting prompt that fits the chunk budget, so a burst of players waits
+for a few forwards rather than one per player.
 
 The KV cache lives in fixed slots, `[slots, kv_heads, context, head_dim]` per layer, with active
 sequences kept in slots 0..B-1 so a step works on plain views. A prefix cache keeps the KV of recent
@@ -142,7 +144,7 @@ class BatchedEngine(LocalEngine):
         self.prefix_cache = PrefixCache(prefix_cache_tokens)
         self._waiting: queue.Queue[_Sequence] = queue.Queue(maxsize=max_waiting)
         self._active: list[_Sequence] = []  # decoding, in slots 0..B-1
-        self._filling: _Sequence | None = None  # being prefilled, in slot B or above
+        self._filling: list[_Sequence] = []  # being prefilled, in slots B and above, oldest first
         self.prefill_chunk = prefill_chunk
         self._wake = threading.Event()
         self._stop = False
@@ -212,31 +214,28 @@ class BatchedEngine(LocalEngine):
         torch.set_grad_enabled(False)
         use_cores(self.threads)
         while not self._stop:
-            if not self._active and self._filling is None and self._waiting.empty():
+            if not self._active and not self._filling and self._waiting.empty():
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
             try:
                 self._retire()
-                budget = self.prefill_chunk  # prompt tokens computed between two decode steps
-                while budget > 0:
-                    if self._filling is None:
-                        self._admit()
-                    if self._filling is None:
-                        break
-                    budget -= self._prefill_chunk(budget)
+                self._admit()
+                if self._filling:
+                    self._prefill()
                 if self._active:
                     self._step()
             except Exception as exc:  # a bug must not leave callers waiting forever
                 log.exception("scheduler step failed")
-                for seq in [*self._active, *([self._filling] if self._filling else [])]:
+                for seq in [*self._active, *self._filling]:
                     seq.out.put(exc)
                 self._active.clear()
-                self._filling = None
+                self._filling.clear()
 
     def _admit(self) -> None:
-        """Take the next waiting sequence into the free slot after the active ones and start its prefill."""
-        while len(self._active) < self.max_batch:
+        """Take waiting sequences into free slots above the active ones, starting each from the longest
+        cached prefix of its prompt."""
+        while len(self._active) + len(self._filling) < self.max_batch:
             try:
                 seq = self._waiting.get_nowait()
             except queue.Empty:
@@ -245,7 +244,8 @@ class BatchedEngine(LocalEngine):
                 seq.stats.finish_reason = "cancelled"
                 seq.out.put(None)
                 continue
-            seq.slot = len(self._active)
+            taken = {f.slot for f in self._filling}
+            seq.slot = next(s for s in range(len(self._active), self.max_batch) if s not in taken)
             prompt = torch.tensor(seq.prompt)
             reused, kv = self.prefix_cache.longest(prompt, seq.params.adapter)
             reused = min(reused, len(seq.prompt) - 1)  # at least one position to compute logits from
@@ -253,6 +253,7 @@ class BatchedEngine(LocalEngine):
                 for layer, (k, v) in enumerate(kv):
                     self._k[layer][seq.slot, :, :reused] = k[:, :reused]
                     self._v[layer][seq.slot, :, :reused] = v[:, :reused]
+                self._finite[seq.slot] = max(self._finite[seq.slot], reused)
                 self.prefix_cache.hits += 1
                 self.prefix_cache.reused_tokens += reused
             seq.length = reused
@@ -261,42 +262,68 @@ class BatchedEngine(LocalEngine):
             seq.seen = prompt
             if seq.params.seed is not None:
                 seq.generator = torch.Generator().manual_seed(seq.params.seed)
-            self._filling = seq
-            return
+            self._filling.append(seq)
 
     @torch.inference_mode()
-    def _prefill_chunk(self, budget: int) -> int:
-        """Prefill up to `budget` more prompt tokens of the filling sequence; returns how many it computed.
-        Chunks keep the active sequences decoding between them, and a cancel is seen within one chunk."""
-        seq = self._filling
-        assert seq is not None and seq.seen is not None
-        if seq.cancel.is_set():
+    def _prefill(self) -> None:
+        """One forward over the next chunk of the filling sequences, oldest first, as many as fit
+        `prefill_chunk` tokens (rows padded to the longest chunk). Chunks keep the active sequences decoding
+        between them, and a cancel is seen within one chunk."""
+        for seq in [s for s in self._filling if s.cancel.is_set()]:
             seq.stats.finish_reason = "cancelled"
             seq.out.put(None)
-            self._filling = None
-            return 0
-        start, end = seq.length, min(len(seq.prompt), seq.length + budget)
-        lora = (seq.adapter, self.adapters) if seq.adapter else None
-        logits = self._forward_prefill(seq.seen[start:end], seq.slot, start, lora)
-        seq.length = end
-        if end < len(seq.prompt):
-            return end - start
-        slot = len(self._active)
-        if seq.slot != slot:  # active sequences left while it filled: move it next to them
-            for k, v in zip(self._k, self._v, strict=True):
-                k[slot, :, :end] = k[seq.slot, :, :end]
-                v[slot, :, :end] = v[seq.slot, :, :end]
+            self._filling.remove(seq)
+        rows: list[tuple[_Sequence, int]] = []
+        for seq in self._filling:
+            n = min(len(seq.prompt) - seq.length, self.prefill_chunk)
+            if rows and (len(rows) + 1) * max(n, *(m for _, m in rows)) > self.prefill_chunk:
+                break
+            rows.append((seq, n))
+        if not rows:
+            return
+        ids = torch.zeros(len(rows), max(n for _, n in rows), dtype=torch.long)
+        for i, (seq, n) in enumerate(rows):
+            assert seq.seen is not None
+            ids[i, :n] = seq.seen[seq.length : seq.length + n]
+        starts, slots = [seq.length for seq, _ in rows], [seq.slot for seq, _ in rows]
+        lora = self._lora([seq for seq, _ in rows])
+        hidden = self._forward_prefill(ids, torch.tensor([n for _, n in rows]), starts, slots, lora)
+        done = []
+        for i, (seq, n) in enumerate(rows):
+            seq.length += n
+            if seq.length == len(seq.prompt):
+                done.append(i)
+        if done:
+            logits = self.packed.logits(hidden[done])
+            for row, i in enumerate(done):
+                self._activate(rows[i][0], logits[row])
+
+    def _activate(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        """A sequence whose prompt is filled: cache its prompt's KV, move it to the slot after the active ones
+        (the filling sequence there takes its old slot) and emit its first token."""
+        assert seq.seen is not None
+        end, slot, old = seq.length, len(self._active), seq.slot
+        kv = [(k[old, :, :end].clone(), v[old, :, :end].clone()) for k, v in zip(self._k, self._v, strict=True)]
+        self.prefix_cache.add(seq.seen, kv, seq.params.adapter)
+        if old != slot:
+            other = next((f for f in self._filling if f.slot == slot), None)
+            if other is not None:
+                self._copy_slot(slot, old, other.length)
+                other.slot = old
+            for layer, (k, v) in enumerate(kv):
+                self._k[layer][slot, :, :end] = k
+                self._v[layer][slot, :, :end] = v
             self._finite[slot] = max(self._finite[slot], end)
             seq.slot = slot
-        self.prefix_cache.add(
-            seq.seen,
-            [(k[slot, :, :end].clone(), v[slot, :, :end].clone()) for k, v in zip(self._k, self._v, strict=True)],
-            seq.params.adapter,
-        )
-        self._filling = None
+        self._filling.remove(seq)
         self._active.append(seq)
         self._emit(seq, logits)
-        return end - start
+
+    def _copy_slot(self, source: int, target: int, length: int) -> None:
+        for k, v in zip(self._k, self._v, strict=True):
+            k[target, :, :length] = k[source, :, :length]
+            v[target, :, :length] = v[source, :, :length]
+        self._finite[target] = max(self._finite[target], length)
 
     def _retire(self) -> None:
         """Drop finished or cancelled sequences, moving the last slot into each hole."""
@@ -313,10 +340,8 @@ class BatchedEngine(LocalEngine):
             last = len(self._active) - 1
             if i != last:
                 moved = self._active[last]
-                for k, v in zip(self._k, self._v, strict=True):
-                    k[i, :, : moved.length] = k[last, :, : moved.length]
-                    v[i, :, : moved.length] = v[last, :, : moved.length]
-                self._finite[i] = max(self._finite[i], moved.length)
+                self._copy_slot(last, i, moved.length)
+                moved.slot = i
                 self._active[i] = moved
             self._active.pop()
 
@@ -325,16 +350,19 @@ class BatchedEngine(LocalEngine):
         batch = self._active
         tokens = torch.tensor([s.last for s in batch])
         positions = torch.tensor([s.length for s in batch])
-        slots = [s.adapter for s in batch]
-        lora: Lora = None
-        if any(slots):
-            lora = (slots[0] if len(set(slots)) == 1 else torch.tensor(slots), self.adapters)
-        logits = self._forward_decode(tokens, positions, lora)
+        logits = self._forward_decode(tokens, positions, self._lora(batch))
         self.steps += 1
         self.batched_tokens += len(batch)
         for i, seq in enumerate(batch):
             seq.length += 1
             self._emit(seq, logits[i])
+
+    def _lora(self, rows: list[_Sequence]) -> Lora:
+        """The rows' adapters for a forward: none, one for all rows, or one slot per row."""
+        slots = [seq.adapter for seq in rows]
+        if not any(slots):
+            return None
+        return (slots[0] if len(set(slots)) == 1 else torch.tensor(slots), self.adapters)
 
     def _emit(self, seq: _Sequence, logits: torch.Tensor) -> None:
         if seq.cancel.is_set():
@@ -354,32 +382,45 @@ class BatchedEngine(LocalEngine):
 
     # --- the model ---------------------------------------------------------------------------------
 
-    def _forward_prefill(self, ids: torch.Tensor, slot: int, start: int, lora: Lora = None) -> torch.Tensor:
-        """Prefill ids [T] into `slot` after `start` cached positions; returns the last position's logits [V]."""
-        end = start + len(ids)
-        positions = torch.arange(start, end)[None]
-        # Query i (absolute position start+i) sees keys 0..start+i.
-        mask = (torch.arange(end)[None, :] <= positions[0][:, None])[None, None]
+    def _forward_prefill(
+        self, ids: torch.Tensor, counts: torch.Tensor, starts: list[int], slots: list[int], lora: Lora = None
+    ) -> torch.Tensor:
+        """Prefill row i's first counts[i] ids [N, W] into slots[i] after starts[i] cached positions; returns
+        each row's hidden state at its last id [N, hidden]."""
+        n, width = ids.shape
+        positions = torch.tensor(starts)[:, None] + torch.arange(width)[None]  # [N, W]
+        end = max(s + int(c) for s, c in zip(starts, counts, strict=True))
+        self._make_finite(slots, end)
+        # Row i's query at position p sees keys 0..p of its own slot.
+        mask = (torch.arange(end)[None, None, :] <= positions[:, :, None])[:, None]
+        rows, cols = (torch.arange(width)[None] < counts[:, None]).nonzero(as_tuple=True)  # the unpadded ids
+        at_slot, at_position = torch.tensor(slots)[rows], positions[rows, cols]
+        # a view where the slots are consecutive, as when a burst of players arrives; else a copy
+        chosen = slice(slots[0], slots[0] + n) if slots == list(range(slots[0], slots[0] + n)) else slots
 
         def write(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            self._k[layer][slot, :, start:end] = k[0]
-            self._v[layer][slot, :, start:end] = v[0]
-            return self._k[layer][slot : slot + 1, :, :end], self._v[layer][slot : slot + 1, :, :end]
+            self._k[layer][at_slot, :, at_position] = k.transpose(1, 2)[rows, cols]
+            self._v[layer][at_slot, :, at_position] = v.transpose(1, 2)[rows, cols]
+            return self._k[layer][chosen, :, :end], self._v[layer][chosen, :, :end]
 
-        hidden = self.packed.forward(ids[None], positions, write, mask, lora)
-        self._finite[slot] = max(self._finite[slot], end)
-        return self.packed.logits(hidden[0, -1])
+        hidden = self.packed.forward(ids, positions, write, mask, lora)
+        return hidden[torch.arange(n), counts - 1]
+
+    def _make_finite(self, slots: list[int], end: int) -> None:
+        """Attention runs (masked) over every key up to `end` in each of these slots, and never-written memory
+        could hold NaN, which masking does not cancel: zero what was never written."""
+        for slot in slots:
+            if self._finite[slot] < end:
+                for k, v in zip(self._k, self._v, strict=True):
+                    k[slot, :, self._finite[slot] : end] = 0
+                    v[slot, :, self._finite[slot] : end] = 0
+                self._finite[slot] = end
 
     def _forward_decode(self, tokens: torch.Tensor, positions: torch.Tensor, lora: Lora = None) -> torch.Tensor:
         """One step for the active slots 0..B-1: tokens [B] at positions [B]; returns logits [B, V]."""
         b = len(tokens)
         longest = int(positions.max()) + 1
-        for slot in range(b):
-            if self._finite[slot] < longest:
-                for k, v in zip(self._k, self._v, strict=True):
-                    k[slot, :, self._finite[slot] : longest] = 0
-                    v[slot, :, self._finite[slot] : longest] = 0
-                self._finite[slot] = longest
+        self._make_finite(list(range(b)), longest)
         slots = torch.arange(b)
         mask = (torch.arange(longest)[None, :] <= positions[:, None])[:, None, None, :]
 

@@ -137,13 +137,8 @@ def _lora(y: torch.Tensor, x: torch.Tensor, lora: Lora, layer: int, projection: 
     pair = adapters.layers[layer].get(projection)
     if pair is None:
         return y
-    a, b = pair[0][slots], pair[1][slots]  # one slot: [r, in], [out, r]; a slot per row: [B, r, in], [B, out, r]
-    x = x.float()
-    if isinstance(slots, int):
-        y.view(-1, y.shape[-1]).add_((x.reshape(-1, x.shape[-1]) @ a.T) @ b.T)
-    else:
-        y.add_(torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2)))
-    return y
+    # One slot: [in, r'] and [r', out], broadcast over the rows; a slot per row: [B, in, r'] and [B, r', out].
+    return y.add_(x.float() @ pair[0][slots] @ pair[1][slots])
 
 
 def _fuse(*linears: torch.nn.Linear) -> torch.Tensor:
