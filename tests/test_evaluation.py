@@ -31,6 +31,7 @@ from tests.conftest import make_settings
 
 PERSONAS, _ = load_personas(Path(__file__).resolve().parent.parent / "personas")
 BROKK, HALCYON, SAM = PERSONAS["brokk"], PERSONAS["halcyon"], PERSONAS["sam_marlowe"]
+ELOWEN = PERSONAS["elowen"]
 
 
 @pytest.mark.parametrize(
@@ -63,6 +64,7 @@ def test_a_break_is_counted(reply: str, reason: str) -> None:
         ("Correct. I am an AI, and I run this ship.", HALCYON, "Are you an AI?"),  # a machine may
         ("Call MAdison 6-4471 and ask for me, pal.", SAM, "How do I reach you?"),
         ("I lost my brother Durin to a troll.", BROKK, "Any family?"),  # retelling the backstory is fine
+        (" ".join(ELOWEN.speaking_style.sample_phrases[3:5]), ELOWEN, "Hello."),  # two catchphrases in a row
     ],
 )
 def test_in_character_replies_are_not_breaks(reply: str, persona, player: str) -> None:

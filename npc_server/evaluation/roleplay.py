@@ -111,8 +111,11 @@ def _ngrams(words: Sequence[str], n: int) -> set[tuple[str, ...]]:
 def _leak_ngrams(persona: Persona) -> set[tuple[str, ...]]:
     """Word n-grams of the system prompt that the NPC has no reason to say: not in its knowledge, examples,
     sample phrases, greeting or fallback lines."""
-    said = [*persona.knowledge, *persona.speaking_style.sample_phrases, persona.greeting, *persona.fallback_lines]
+    phrases = persona.speaking_style.sample_phrases
+    said = [*persona.knowledge, *phrases, persona.greeting, *persona.fallback_lines]
     said += [e.npc for e in persona.examples]
+    # The prompt lists facts and phrases one after another: two of them said in a row are no leak either.
+    said += [" ".join(persona.knowledge), " ".join(phrases)]
     allowed = set().union(*(_ngrams(_words(s), LEAK_NGRAM) for s in said))
     return _ngrams(_words(system_prompt(persona)), LEAK_NGRAM) - allowed
 
