@@ -1,8 +1,11 @@
 """`npc-server finetune PERSONA_ID`: a per-persona LoRA adapter trained with peft on the CPU.
 
 The training set is made from the persona file alone, without a model: its example exchanges, its
-greeting as the answer to a few opening lines, and one question per `knowledge` fact answered in the
-first person, in the persona's voice. Each prompt is the persona's system prompt and the player's line.
+greeting as the answer to a few opening lines, and three questions per `knowledge` fact, each answered
+with the fact in the first person, in the persona's voice. Each prompt is laid out as the server lays out
+a first turn (`build_messages`): system prompt, example exchanges, the note with the facts relevant to
+the line and how the player seems, then the line. The adapter so learns to answer from the facts the
+note puts in front of it, the way it will be asked, and not only to recite them.
 """
 
 from __future__ import annotations
@@ -17,13 +20,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from npc_server.dialogue.mood import PLAYER_WORDS, NpcMood, affect_note
 from npc_server.llm.engine import Message
-from npc_server.personas.prompt import system_prompt
+from npc_server.personas.prompt import build_messages, fixed_messages, system_prompt
 from npc_server.personas.schema import Persona
 from npc_server.settings import Settings
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 OPENINGS = ("Hello.", "Hi there.", "Good day to you.")
+QUESTIONS_PER_FACT = 3
+PLAYER_MOODS = ("", "neutral", "happy")  # the note's line on the player: none (no affect read), calm, happy
 _TITLE_TEXT = "doctor dr lady lord sir captain master mistress mr mrs miss madam dame king queen"
 TITLES = frozenset(_TITLE_TEXT.split())
 _AUX = {"is": "am", "are": "am", "was": "was", "has": "have", "does": "do", "will": "will", "can": "can"}
@@ -50,12 +56,20 @@ def sentences(text: str) -> list[str]:
 
 
 def training_examples(persona: Persona) -> list[Pair]:
-    """(prompt messages, NPC reply) pairs: the persona's examples, its greeting, and one per lore fact."""
-    system = system_prompt(persona)
+    """(prompt messages, NPC reply) pairs: the persona's examples, its greeting, and three per lore fact, each
+    prompt laid out as the server lays out a first turn."""
     lines = [(e.player, e.npc) for e in persona.examples]
     lines += [(opening, persona.greeting) for opening in OPENINGS]
-    lines += [_lore(persona, fact, i) for i, fact in enumerate(persona.knowledge)]
-    return [([Message("system", system), Message("user", player)], npc) for player, npc in lines]
+    for i, fact in enumerate(persona.knowledge):
+        lines += [_lore(persona, fact, i * QUESTIONS_PER_FACT + k) for k in range(QUESTIONS_PER_FACT)]
+    return [(_prompt(persona, player, i), npc) for i, (player, npc) in enumerate(lines)]
+
+
+def _prompt(persona: Persona, player: str, i: int) -> list[Message]:
+    feeling = affect_note(None, NpcMood.resting(persona.temperament)).split(". ", 1)[1]  # "You feel calm."
+    seems = PLAYER_MOODS[i % len(PLAYER_MOODS)]
+    situation = f"The player seems {PLAYER_WORDS[seems]}. {feeling}" if seems else ""
+    return build_messages(persona, [], player, count_tokens=lambda _: 0, budget=0, situation=situation)[0]
 
 
 def _given_name(persona: Persona) -> str:
@@ -157,21 +171,21 @@ def _lore(persona: Persona, fact: str, i: int) -> tuple[str, str]:
     return question(persona, fact, i), " ".join(answer)
 
 
-def _encode(tokenizer: Any, pairs: list[Pair]) -> tuple[list[int], list[tuple[list[int], int]]]:
-    """The token ids of the system turn all prompts share, and for each pair the ids after it with the
-    index where the reply starts."""
+def _encode(tokenizer: Any, head: list[Message], pairs: list[Pair]) -> tuple[list[int], list[tuple[list[int], int]]]:
+    """The token ids of the turns all prompts start with (`head`), and for each pair the ids after them with
+    the index where the reply starts."""
 
     def ids(messages: list[Message], generation: bool) -> list[int]:
         chat = [{"role": m.role, "content": m.content} for m in messages]
         out: Any = tokenizer.apply_chat_template(chat, add_generation_prompt=generation, tokenize=True)
         return [int(i) for i in (out["input_ids"] if hasattr(out, "keys") else out)]
 
-    prefix, items = ids(pairs[0][0][:1], False), []
+    prefix, items = ids(head, False), []
     for prompt, reply in pairs:
-        head, full = ids(prompt, True), ids([*prompt, Message("assistant", reply)], False)
-        if prompt[0] != pairs[0][0][0] or full[: len(head)] != head or head[: len(prefix)] != prefix:
+        asked, full = ids(prompt, True), ids([*prompt, Message("assistant", reply)], False)
+        if prompt[: len(head)] != head or full[: len(asked)] != asked or asked[: len(prefix)] != prefix:
             raise RuntimeError("the chat template does not render prompts as prefixes of their replies")
-        items.append((full[len(prefix) :], len(head) - len(prefix)))
+        items.append((full[len(prefix) :], len(asked) - len(prefix)))
     return prefix, items
 
 
@@ -193,8 +207,9 @@ def finetune(
     """Train a LoRA adapter for `persona` on the CPU in float32 and save it (with training.json) in `out_dir`.
 
     The loss is the mean over examples of the mean over reply tokens (the end-of-turn token included).
-    Every prompt starts with the same system turn, so a batch computes it once and its examples attend
-    to it (the same sums as one sequence each, a fraction of the work). `limit` caps the examples (tests).
+    Every prompt starts with the same turns (system prompt and example exchanges), so a batch computes them
+    once and its examples attend to them (the same sums as one sequence each, a fraction of the work).
+    `limit` caps the examples (tests).
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -207,7 +222,7 @@ def finetune(
     base = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGET_MODULES, task_type="CAUSAL_LM")
     model: Any = get_peft_model(base, config)
-    prefix, data = _encode(tokenizer, training_examples(persona)[:limit])
+    prefix, data = _encode(tokenizer, fixed_messages(persona), training_examples(persona)[:limit])
     pad = tokenizer.pad_token_id or 0
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
 
@@ -250,6 +265,7 @@ def finetune(
         torch.set_num_threads(old_threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
+    halve(out_dir)
     report = {"persona": persona.id, "examples": len(data), "epochs": epochs, "rank": rank, "alpha": alpha, "lr": lr}
     report |= {"batch_size": batch_size, "seed": seed, "initial_loss": round(initial, 4), "final_loss": round(final, 4)}
     report |= {"epoch_losses": epoch_losses, "seconds": round(time.monotonic() - started, 1)}
@@ -257,6 +273,17 @@ def finetune(
     (out_dir / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     progress(f"final loss {final:.3f}; adapter saved in {out_dir} ({report['seconds']} s)")
     return report
+
+
+def halve(out_dir: Path) -> None:
+    """Store the adapter's weights in bf16 (half the size; the server computes with them in float32) and drop
+    the model card peft writes beside them."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = out_dir / "adapter_model.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(path)).items()}, str(path), metadata={"format": "pt"})
+    (out_dir / "README.md").unlink(missing_ok=True)
 
 
 def add_parser(commands: Any) -> None:

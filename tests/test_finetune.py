@@ -7,13 +7,22 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from npc_server.cli import main
-from npc_server.finetune import TITLES, adapter_dir, finetune, sentences, training_examples
+from npc_server.finetune import (
+    OPENINGS,
+    QUESTIONS_PER_FACT,
+    TITLES,
+    adapter_dir,
+    finetune,
+    sentences,
+    training_examples,
+)
 from npc_server.llm.weights import resolve_model
 from npc_server.personas.loader import load_personas
-from npc_server.personas.prompt import system_prompt
+from npc_server.personas.prompt import fixed_messages, system_prompt
 from npc_server.personas.schema import Persona
 from tests.conftest import MODEL_CACHE
 
@@ -48,14 +57,28 @@ def test_training_examples_cover_examples_greeting_and_lore(persona_id: str) -> 
     replies = [reply for _, reply in pairs]
     assert persona.greeting in replies
     assert all(e.npc in replies for e in persona.examples)
+    head = fixed_messages(persona)
     for messages, reply in pairs:
-        assert [m.role for m in messages] == ["system", "user"]
-        assert messages[0].content == system_prompt(persona)  # the system prompt alone, no few-shot turns
-        player = messages[1].content
+        # laid out as the server lays out a first turn: system prompt, examples, a note (when it has something
+        # to say), the player's line
+        assert messages[: len(head)] == head and messages[0].content == system_prompt(persona)
+        assert [m.role for m in messages[len(head) :]] in (["system", "user"], ["user"])
+        player = messages[-1].content
         assert player.strip() and reply.strip()
         assert player not in reply
         assert WHOLE_SENTENCE.search(reply), reply
         assert 1 <= len(sentences(reply)) <= persona.reply.max_sentences, reply
+
+
+@pytest.mark.parametrize("persona_id", sorted(PERSONAS))
+def test_lore_questions_find_their_fact_in_the_note(persona_id: str) -> None:
+    """The adapter learns to answer from the facts the server's note puts before the line: most of the lore
+    questions (asked three ways per fact) must bring their own fact into that note."""
+    persona = PERSONAS[persona_id]
+    lore = training_examples(persona)[len(persona.examples) + len(OPENINGS) :]
+    assert len(lore) == QUESTIONS_PER_FACT * len(persona.knowledge)
+    found = [persona.knowledge[i // QUESTIONS_PER_FACT] in messages[-2].content for i, (messages, _) in enumerate(lore)]
+    assert sum(found) >= 0.9 * len(found)
 
 
 @pytest.mark.parametrize("persona_id", sorted(PERSONAS))
@@ -89,6 +112,7 @@ def test_training_saves_a_lora_adapter_that_learned(tmp_path: Path) -> None:
     assert report["examples"] == 4 and report["persona"] == "brokk" and report["base_model"] == folder.name
     assert report["final_loss"] < report["initial_loss"]
     assert json.loads((out / "training.json").read_text()) == report
+    assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "training.json"}
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["lora_alpha"] == 16
     with safe_open(out / "adapter_model.safetensors", "pt") as tensors:
@@ -98,5 +122,5 @@ def test_training_saves_a_lora_adapter_that_learned(tmp_path: Path) -> None:
         assert all(re.fullmatch(pattern, k) for k in keys)
         q_a = tensors.get_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight")
         q_b = tensors.get_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight")
-        assert q_a.shape == (8, 576) and q_b.shape == (576, 8)
+        assert q_a.shape == (8, 576) and q_b.shape == (576, 8) and q_a.dtype == q_b.dtype == torch.bfloat16
         assert float(q_b.abs().sum()) > 0  # LoRA B starts at zero: training moved it
