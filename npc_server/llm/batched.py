@@ -299,12 +299,14 @@ class BatchedEngine(LocalEngine):
                 self._activate(rows[i][0], logits[row])
 
     def _activate(self, seq: _Sequence, logits: torch.Tensor) -> None:
-        """A sequence whose prompt is filled: cache its prompt's KV, move it to the slot after the active ones
-        (the filling sequence there takes its old slot) and emit its first token."""
+        """A sequence whose prompt is filled: emit its first token, cache its prompt's KV and move it to the slot
+        after the active ones (the filling sequence there takes its old slot)."""
         assert seq.seen is not None
+        prompt = seq.seen
+        self._emit(seq, logits)  # first: copying the KV below takes a few ms
         end, slot, old = seq.length, len(self._active), seq.slot
         kv = [(k[old, :, :end].clone(), v[old, :, :end].clone()) for k, v in zip(self._k, self._v, strict=True)]
-        self.prefix_cache.add(seq.seen, kv, seq.params.adapter)
+        self.prefix_cache.add(prompt, kv, seq.params.adapter)
         if old != slot:
             other = next((f for f in self._filling if f.slot == slot), None)
             if other is not None:
@@ -317,7 +319,6 @@ class BatchedEngine(LocalEngine):
             seq.slot = slot
         self._filling.remove(seq)
         self._active.append(seq)
-        self._emit(seq, logits)
 
     def _copy_slot(self, source: int, target: int, length: int) -> None:
         for k, v in zip(self._k, self._v, strict=True):

@@ -137,8 +137,10 @@ def _lora(y: torch.Tensor, x: torch.Tensor, lora: Lora, layer: int, projection: 
     pair = adapters.layers[layer].get(projection)
     if pair is None:
         return y
-    # One slot: [in, r'] and [r', out], broadcast over the rows; a slot per row: [B, in, r'] and [B, r', out].
-    return y.add_(x.float() @ pair[0][slots] @ pair[1][slots])
+    if isinstance(slots, int):  # one adapter for every row: [in, r'] and [r', out]
+        return y.add_(x.float() @ pair[0][slots] @ pair[1][slots])
+    a, b, owner = adapters.side_by_side[layer][projection]  # all adapters; each row keeps its own columns
+    return y.add_((x.float() @ a).mul_(slots[:, None, None] == owner) @ b)
 
 
 def _fuse(*linears: torch.nn.Linear) -> torch.Tensor:
