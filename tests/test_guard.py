@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from npc_server.dialogue.guard import ReplyFilter, character_breaks
+from npc_server.dialogue.guard import ReplyFilter, character_breaks, words
 from npc_server.personas.loader import load_persona_file
 from npc_server.settings import DEFAULT_PERSONAS
 
@@ -95,3 +95,19 @@ def test_echoing_the_players_word_is_not_an_anachronism() -> None:
 def test_break_after_good_sentences_keeps_them() -> None:
     reply = run("Aye, lad. As an AI I cannot say more.")
     assert reply.sentences == ["Aye, lad."] and reply.broken
+
+
+def test_reciting_the_prompt_is_a_break_but_saying_the_persona_file_lines_is_not() -> None:
+    assert "prompt leak" in character_breaks(f"Well now. {BROKK.setting}", BROKK)
+    assert "prompt leak" in character_breaks(BROKK.backstory, BROKK)
+    for line in [*BROKK.knowledge, BROKK.greeting, " ".join(BROKK.speaking_style.sample_phrases)]:
+        assert "prompt leak" not in character_breaks(line, BROKK), line
+
+
+def test_a_recited_prompt_is_caught_across_sentences() -> None:
+    setting = words(BROKK.setting)  # five and five words of it: too few for a leak in either sentence alone
+    first, second = (" ".join(setting[i : i + 5]).capitalize() + "." for i in (0, 5))
+    assert character_breaks(first, BROKK) == character_breaks(second, BROKK) == []
+    reply = ReplyFilter(BROKK)
+    said = reply.feed(f"Aye. {first} {second} Hmph. ")
+    assert reply.broken == ["prompt leak"] and said == ["Aye.", first]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from npc_server.personas.prompt import system_prompt
 from npc_server.personas.schema import Persona
 
 SPECIAL_TOKEN = re.compile(r"<\|[^|>]{1,40}\|>|</?s>|\[/?INST\]|<unk>|<pad>|<eos>|<bos>")
@@ -55,6 +56,8 @@ PROMPT_LEAK = re.compile(
     r"\bstay in character\b|\bin the first person\b|\bthe player's words\b",
     re.I,
 )
+# Reciting the system prompt: this many words in a row copied from it, outside what the persona may say.
+LEAK_NGRAM = 8
 # Claiming a name: "I'm Grimjack", "call me Eryxor". A capitalised word that is not part of the persona's name.
 NAMING = re.compile(
     r"\b(?i:I am|I'm|my name is|my name's|call me|name's)\s*(?:\.\.\.|…|,)?\s*"
@@ -87,13 +90,44 @@ def forbidden_words(persona: Persona) -> list[str]:
     return list(words.values())
 
 
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
+
+
+def ngrams(seq: list[str], n: int) -> set[tuple[str, ...]]:
+    return {tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)}
+
+
+_LEAKS: dict[str, set[tuple[str, ...]]] = {}  # by system prompt
+
+
+def leak_ngrams(persona: Persona) -> set[tuple[str, ...]]:
+    """Word n-grams of the system prompt that the NPC has no reason to say: not in its knowledge, examples,
+    sample phrases, greeting or fallback lines (a persona reciting its `setting` or `backstory` word for word
+    is reading its prompt out)."""
+    key = system_prompt(persona)
+    if key not in _LEAKS:
+        phrases = persona.speaking_style.sample_phrases
+        said = [*persona.knowledge, *phrases, persona.greeting, *persona.fallback_lines]
+        said += [e.npc for e in persona.examples]
+        # The prompt lists facts and phrases one after another: two of them said in a row are no leak either.
+        said += [" ".join(persona.knowledge), " ".join(phrases)]
+        allowed = set().union(*(ngrams(words(s), LEAK_NGRAM) for s in said))
+        _LEAKS[key] = ngrams(words(key), LEAK_NGRAM) - allowed
+    return _LEAKS[key]
+
+
+def recites_prompt(text: str, persona: Persona) -> bool:
+    return bool(ngrams(words(text), LEAK_NGRAM) & leak_ngrams(persona))
+
+
 def character_breaks(text: str, persona: Persona, player_text: str = "") -> list[str]:
     """Reasons this text breaks character; empty when it is fine.
 
     A persona's forbidden word is allowed when the player said it first (the NPC may echo a word it does
     not understand), but a machine persona is the only one allowed to talk about AI or call itself a
     program, and no persona may call itself a language model or an assistant, talk about its prompt or the
-    fiction, write code, recite the prompt's headings, or give itself another name.
+    fiction, write code, recite the prompt's headings or its text, or give itself another name.
     """
     reasons: list[str] = []
     if SPECIAL_TOKEN.search(text):
@@ -108,7 +142,7 @@ def character_breaks(text: str, persona: Persona, player_text: str = "") -> list
         reasons.append("denies being real")
     if CODE.search(text):
         reasons.append("code")
-    if PROMPT_LEAK.search(text):
+    if PROMPT_LEAK.search(text) or recites_prompt(text, persona):
         reasons.append("prompt leak")
     said = player_text.lower()
     for word in forbidden_words(persona):
@@ -199,6 +233,8 @@ class ReplyFilter:
             if not sentence:
                 continue
             reasons = character_breaks(sentence, self.persona, self.player_text)
+            if not reasons and self.sentences and recites_prompt(f"{self.text} {sentence}", self.persona):
+                reasons = ["prompt leak"]  # a run of the prompt across two sentences
             if reasons:
                 self.broken = reasons
                 self.done = True

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 import yaml
 
-from npc_server.dialogue.guard import ABBREVIATIONS, OTHER_SPEAKER, SENTENCE_END, character_breaks
+from npc_server.dialogue.guard import ABBREVIATIONS, OTHER_SPEAKER, SENTENCE_END, character_breaks, ngrams, words
 from npc_server.dialogue.service import (
     HISTORY_LIMIT,
     PreparedTurn,
@@ -45,7 +45,7 @@ from npc_server.dialogue.service import (
 )
 from npc_server.llm.engine import EngineRunner, GenerationStats, Message, SamplingParams
 from npc_server.machine import machine
-from npc_server.personas.prompt import Turn, build_messages, system_prompt
+from npc_server.personas.prompt import Turn, build_messages
 from npc_server.personas.schema import Persona
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,6 @@ DATA_DIR = Path(__file__).resolve().parent
 PROMPTS_FILE = DATA_DIR / "prompts.yaml"
 LORE_FILE = DATA_DIR / "lore.yaml"
 REPEAT_THRESHOLD = 0.5  # share of a reply's word 3-grams already said earlier in the conversation
-LEAK_NGRAM = 8  # words copied verbatim from the system prompt that count as leaked prompt text
 TARGETS = {"break_rate": 0.01, "identifiability": 0.90, "lore_recall": 0.70, "length_compliance": 1.0}
 
 # --- the turns -----------------------------------------------------------------------------------------
@@ -100,29 +99,6 @@ def load_jobs(
 LEAK_MARKERS = ("short sentences.", "answer in one short sentence", "speak only as")
 
 
-def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
-
-
-def _ngrams(words: Sequence[str], n: int) -> set[tuple[str, ...]]:
-    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
-
-
-def _leak_ngrams(persona: Persona) -> set[tuple[str, ...]]:
-    """Word n-grams of the system prompt that the NPC has no reason to say: not in its knowledge, examples,
-    sample phrases, greeting or fallback lines."""
-    phrases = persona.speaking_style.sample_phrases
-    said = [*persona.knowledge, *phrases, persona.greeting, *persona.fallback_lines]
-    said += [e.npc for e in persona.examples]
-    # The prompt lists facts and phrases one after another: two of them said in a row are no leak either.
-    said += [" ".join(persona.knowledge), " ".join(phrases)]
-    allowed = set().union(*(_ngrams(_words(s), LEAK_NGRAM) for s in said))
-    return _ngrams(_words(system_prompt(persona)), LEAK_NGRAM) - allowed
-
-
-_LEAKS: dict[str, set[tuple[str, ...]]] = {}  # by system prompt
-
-
 def reply_breaks(text: str, persona: Persona, player_lines: Sequence[str] = ()) -> list[str]:
     """Why this final reply breaks character; empty when it does not.
 
@@ -133,10 +109,7 @@ def reply_breaks(text: str, persona: Persona, player_lines: Sequence[str] = ()) 
     if OTHER_SPEAKER.search(text):
         reasons.append("speaks for the player")
     lowered = text.lower()
-    key = system_prompt(persona)
-    leaks = _LEAKS[key] if key in _LEAKS else _LEAKS.setdefault(key, _leak_ngrams(persona))
-    markers = [*LEAK_MARKERS, f"you are {persona.name.lower()}"]
-    leaked = any(m in lowered for m in markers) or _ngrams(_words(text), LEAK_NGRAM) & leaks
+    leaked = any(m in lowered for m in [*LEAK_MARKERS, f"you are {persona.name.lower()}"])
     if leaked and "prompt leak" not in reasons:
         reasons.append("prompt leak")
     return reasons
@@ -171,17 +144,17 @@ def answers(text: str, expect: Sequence[str]) -> bool:
 def repeats(text: str, earlier: Sequence[str], threshold: float = REPEAT_THRESHOLD) -> bool:
     """Most of this reply's word 3-grams were already said in `earlier` replies (or, under three words,
     the same words were)."""
-    words = _words(text)
-    if len(words) < 3:
-        return any(_words(e) == words for e in earlier)
-    grams = _ngrams(words, 3)
-    seen = set().union(*(_ngrams(_words(e), 3) for e in earlier)) if earlier else set()
+    said = words(text)
+    if len(said) < 3:
+        return any(words(e) == said for e in earlier)
+    grams = ngrams(said, 3)
+    seen = set().union(*(ngrams(words(e), 3) for e in earlier)) if earlier else set()
     return len(grams & seen) / len(grams) >= threshold
 
 
 def distinct_n(texts: Sequence[str], n: int = 2) -> float:
     """Distinct word n-grams over all n-grams (1.0: nothing repeated)."""
-    grams = [g for t in texts for g in (tuple(w[i : i + n]) for w in [_words(t)] for i in range(len(w) - n + 1))]
+    grams = [g for t in texts for g in (tuple(w[i : i + n]) for w in [words(t)] for i in range(len(w) - n + 1))]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
