@@ -20,7 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from npc_server.dialogue.mood import PLAYER_WORDS, NpcMood, affect_note
+from npc_server.dialogue.mood import NpcMood, affect_note
+from npc_server.fusion.model import FusedAffect
 from npc_server.llm.engine import Message
 from npc_server.personas.prompt import build_messages, fixed_messages, system_prompt
 from npc_server.personas.schema import Persona
@@ -29,7 +30,7 @@ from npc_server.settings import Settings
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 OPENINGS = ("Hello.", "Hi there.", "Good day to you.")
 QUESTIONS_PER_FACT = 3
-PLAYER_MOODS = ("", "neutral", "happy")  # the note's line on the player: none (no affect read), calm, happy
+PLAYER_MOODS = ("", "neutral", "happy")  # how the player seems in the note: not read (no line), calm, happy
 _TITLE_TEXT = "doctor dr lady lord sir captain master mistress mr mrs miss madam dame king queen"
 TITLES = frozenset(_TITLE_TEXT.split())
 _AUX = {"is": "am", "are": "am", "was": "was", "has": "have", "does": "do", "will": "will", "can": "can"}
@@ -66,9 +67,12 @@ def training_examples(persona: Persona) -> list[Pair]:
 
 
 def _prompt(persona: Persona, player: str, i: int) -> list[Message]:
-    feeling = affect_note(None, NpcMood.resting(persona.temperament)).split(". ", 1)[1]  # "You feel calm."
-    seems = PLAYER_MOODS[i % len(PLAYER_MOODS)]
-    situation = f"The player seems {PLAYER_WORDS[seems]}. {feeling}" if seems else ""
+    """The server's prompt for `player`'s line opening a conversation, its note made by the server's own
+    `affect_note` (the player's mood read from one modality, the NPC at rest)."""
+    seems, situation = PLAYER_MOODS[i % len(PLAYER_MOODS)], ""
+    if seems:
+        affect = FusedAffect({seems: 1.0}, seems, 0.0, 0.0, confidence=0.5, modalities=["text"], method="text")
+        situation = affect_note(affect, NpcMood.resting(persona.temperament))
     return build_messages(persona, [], player, count_tokens=lambda _: 0, budget=0, situation=situation)[0]
 
 

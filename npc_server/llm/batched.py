@@ -250,10 +250,7 @@ class BatchedEngine(LocalEngine):
             reused, kv = self.prefix_cache.longest(prompt, seq.params.adapter)
             reused = min(reused, len(seq.prompt) - 1)  # at least one position to compute logits from
             if kv is not None and reused > 0:
-                for layer, (k, v) in enumerate(kv):
-                    self._k[layer][seq.slot, :, :reused] = k[:, :reused]
-                    self._v[layer][seq.slot, :, :reused] = v[:, :reused]
-                self._finite[seq.slot] = max(self._finite[seq.slot], reused)
+                self._write_slot(seq.slot, kv, reused)
                 self.prefix_cache.hits += 1
                 self.prefix_cache.reused_tokens += reused
             seq.length = reused
@@ -312,13 +309,17 @@ class BatchedEngine(LocalEngine):
             if other is not None:
                 self._copy_slot(slot, old, other.length)
                 other.slot = old
-            for layer, (k, v) in enumerate(kv):
-                self._k[layer][slot, :, :end] = k
-                self._v[layer][slot, :, :end] = v
-            self._finite[slot] = max(self._finite[slot], end)
+            self._write_slot(slot, kv, end)
             seq.slot = slot
         self._filling.remove(seq)
         self._active.append(seq)
+
+    def _write_slot(self, slot: int, kv: KV, length: int) -> None:
+        """The first `length` positions of per-layer keys and values `kv` into `slot`."""
+        for layer, (k, v) in enumerate(kv):
+            self._k[layer][slot, :, :length] = k[:, :length]
+            self._v[layer][slot, :, :length] = v[:, :length]
+        self._finite[slot] = max(self._finite[slot], length)
 
     def _copy_slot(self, source: int, target: int, length: int) -> None:
         for k, v in zip(self._k, self._v, strict=True):
