@@ -423,12 +423,16 @@ class BatchedEngine(LocalEngine):
         b = len(tokens)
         longest = int(positions.max()) + 1
         self._make_finite(list(range(b)), longest)
-        slots = torch.arange(b)
-        mask = (torch.arange(longest)[None, :] <= positions[:, None])[:, None, None, :]
+        # one stream sees every key it wrote; several, each its own up to its position
+        mask = (torch.arange(longest)[None, :] <= positions[:, None])[:, None, None, :] if b > 1 else None
+        # each new key's row in the cache seen as [slots * kv_heads * context, head_dim]: one index_copy_ a
+        # layer (~3 us; indexing with slots and positions takes ~7)
+        _, heads, context, width = self._k[0].shape
+        at = ((torch.arange(b)[:, None] * heads + torch.arange(heads)) * context + positions[:, None]).flatten()
 
         def write(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            self._k[layer][slots, :, positions] = k[:, :, 0]
-            self._v[layer][slots, :, positions] = v[:, :, 0]
+            self._k[layer].view(-1, width).index_copy_(0, at, k.reshape(-1, width))
+            self._v[layer].view(-1, width).index_copy_(0, at, v.reshape(-1, width))
             return self._k[layer][:b, :, :longest], self._v[layer][:b, :, :longest]
 
         hidden = self.packed.forward(tokens[:, None], positions[:, None], write, mask, lora)
