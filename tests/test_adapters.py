@@ -49,13 +49,23 @@ def run(engine: LocalEngine, params: SamplingParams = GREEDY) -> str:
     return "".join(engine.generate(MESSAGES, params, GenerationStats(), threading.Event()))
 
 
-def test_adapter_matches_merged_weights_and_shares_a_batch(made: tuple[Path, Path, Path]) -> None:
-    base, adapter, merged = made
-    expected_base = run(LocalEngine(base, dtype="float32"))
-    expected_lora = run(LocalEngine(merged, dtype="float32"))
+@pytest.fixture(scope="module")
+def expected(made: tuple[Path, Path, Path]) -> tuple[str, str]:
+    base, _, merged = made
+    return run(LocalEngine(base, dtype="float32")), run(LocalEngine(merged, dtype="float32"))
+
+
+# 8: prompts fill a few rows at a time (LoRA's step path); 256: whole prompts, several in one forward (its
+# prompt path, one adapter or mixed)
+@pytest.mark.parametrize("chunk", [8, 256])
+def test_adapter_matches_merged_weights_and_shares_a_batch(
+    made: tuple[Path, Path, Path], expected: tuple[str, str], chunk: int
+) -> None:
+    base, adapter, _ = made
+    expected_base, expected_lora = expected
     assert expected_lora != expected_base  # the adapter changes what the model says
 
-    engine = BatchedEngine(base, dtype="float32", max_batch=4, prefill_chunk=8)
+    engine = BatchedEngine(base, dtype="float32", max_batch=4, prefill_chunk=chunk)
     try:
         engine.load_adapter("brokk", adapter)
         engine.load_adapter("again", adapter)  # a second slot in the stacks, with the same weights

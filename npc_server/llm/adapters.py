@@ -37,16 +37,17 @@ LowRank = tuple[torch.Tensor, torch.Tensor]  # (A [.., r', in], B.T [.., r', out
 class AdapterSet:
     """The loaded adapters, by name, stacked per layer and projection: A [n + 1, r', in], B.T [n + 1, r', out]."""
 
-    def __init__(self, shapes: list[dict[str, tuple[int, ...]]]) -> None:
+    def __init__(self, shapes: list[dict[str, tuple[int, ...]]], dtype: torch.dtype = torch.float32) -> None:
         self.shapes = shapes  # per layer, each part's weight shape, keyed like FUSED's module names
+        self.dtype = dtype  # the model's: B is also kept in it, for the long products of prompts
         self.index: dict[str, int] = {}
         self.layers: list[dict[str, LowRank]] = [{} for _ in shapes]
-        # per layer and projection, every slot side by side: A.T [in, slots * r'], B.T [slots * r', out], and
-        # the slot each of the slots * r' columns belongs to
-        self.side_by_side: list[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [{} for _ in shapes]
-        # per slot, layer and projection, that slot's pair: views made once (indexing the stacks costs ~5 us,
-        # 240 times a step)
-        self.by_slot: list[list[dict[str, LowRank]]] = [[{} for _ in shapes]]
+        # Per layer and projection, every slot side by side: the slot each of the slots * r' columns belongs to,
+        # then A.T [in, slots * r'] and B.T [slots * r', out] in float32 and again in the model's dtype.
+        self.side_by_side: list[dict[str, tuple[torch.Tensor, ...]]] = [{} for _ in shapes]
+        # Per slot, layer and projection, that slot's A [r', in] and B.T [r', out] in float32 and again in the
+        # model's dtype: views made once (indexing the stacks costs ~5 us, 240 times a step).
+        self.by_slot: list[list[dict[str, tuple[torch.Tensor, ...]]]] = [[{} for _ in shapes]]
 
     def __contains__(self, name: object) -> bool:
         return name in self.index
@@ -68,9 +69,16 @@ class AdapterSet:
                 stacked[projection] = a_all, b_all = _put(stacked.get(projection), slot, a, b)
                 slots, rank, inner = a_all.shape
                 owner = torch.arange(slots).repeat_interleave(rank)
-                wide[projection] = (a_all.reshape(-1, inner).T.contiguous(), b_all.reshape(slots * rank, -1), owner)
-        every = range(len(self.index) + 1)
-        self.by_slot = [[{p: (a[s], b[s]) for p, (a, b) in stacked.items()} for stacked in self.layers] for s in every]
+                a_wide, b_wide = a_all.reshape(-1, inner).T.contiguous(), b_all.reshape(slots * rank, -1)
+                wide[projection] = (owner, a_wide, b_wide, a_wide.to(self.dtype), b_wide.to(self.dtype))
+        model = [{p: (a.to(self.dtype), b.to(self.dtype)) for p, (a, b) in stacked.items()} for stacked in self.layers]
+        self.by_slot = [
+            [
+                {p: (a[s], b[s], low[p][0][s], low[p][1][s]) for p, (a, b) in stacked.items()}
+                for stacked, low in zip(self.layers, model, strict=True)
+            ]
+            for s in range(len(self.index) + 1)
+        ]
 
     def _fused(self, weights: dict[str, torch.Tensor], layer: int, scale: float) -> dict[str, LowRank]:
         parts, fused = self.shapes[layer], {}

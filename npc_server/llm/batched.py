@@ -148,7 +148,7 @@ class BatchedEngine(LocalEngine):
         self.prefill_chunk = prefill_chunk
         self._wake = threading.Event()
         self._stop = False
-        self.adapters = AdapterSet(self.packed.part_shapes)
+        self.adapters = AdapterSet(self.packed.part_shapes, self.dtype)
         self.steps = 0
         self.batched_tokens = 0
         self._thread = threading.Thread(target=self._loop, name="llm-scheduler", daemon=True)

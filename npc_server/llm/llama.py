@@ -30,6 +30,7 @@ Lora = tuple[int | torch.Tensor, AdapterSet] | None
 
 
 INT8_ROWS = 4  # up to this many rows (tokens in a step), the int8 copy is faster; beyond, the native one
+LORA_FLOAT32_ROWS = 16  # up to this many rows, LoRA's products run in float32; beyond, in the model's dtype
 
 
 class Weight:
@@ -141,15 +142,32 @@ class PackedLlama:
 
 
 def _lora(y: torch.Tensor, x: torch.Tensor, lora: Lora, layer: int, projection: str) -> torch.Tensor:
-    """y (the projection of x [B, T, in]) plus the low-rank correction of each row's adapter, in place."""
+    """y (the projection of x [B, T, in]) plus the low-rank correction of each row's adapter, in place.
+
+    A step's few rows multiply in float32 (one row: ~3 us a product, against ~30 in bf16); a prompt's many rows
+    in the model's dtype, added by addmm_ (in float32, its [rows, out] product and the casts cost more than the
+    projection itself)."""
     if lora is None:
         return y
     slots, adapters = lora
-    if isinstance(slots, int):  # one adapter for every row: A [r', in] and B.T [r', out]
+    rows = x.numel() // x.shape[-1]
+    few = rows <= LORA_FLOAT32_ROWS
+    if isinstance(slots, int):  # one adapter for every row: A [r', in], B.T [r', out]
         pair = adapters.by_slot[slots][layer].get(projection)
-        return y if pair is None else y.add_(F.linear(x.float(), pair[0]) @ pair[1])
-    wide = adapters.side_by_side[layer].get(projection)  # all adapters; each row keeps its own columns
-    return y if wide is None else y.add_((x.float() @ wide[0]).mul_(slots[:, None, None] == wide[2]) @ wide[1])
+        if pair is None:
+            return y
+        a, b = pair[:2] if few else pair[2:]
+        t = F.linear(x.float() if few else x, a)
+    else:  # all adapters side by side; each row keeps its own columns
+        wide = adapters.side_by_side[layer].get(projection)
+        if wide is None:
+            return y
+        a, b = wide[1:3] if few else wide[3:]
+        t = ((x.float() if few else x) @ a).mul_(slots[:, None, None] == wide[0])
+    if few:  # (cast before adding: float32 into bf16 in place takes a slow path)
+        return y.add_((t @ b).to(y.dtype))
+    y.view(rows, -1).addmm_(t.view(rows, -1), b)
+    return y
 
 
 def _fuse(*linears: torch.nn.Linear) -> torch.Tensor:
