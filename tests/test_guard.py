@@ -111,3 +111,19 @@ def test_a_recited_prompt_is_caught_across_sentences() -> None:
     reply = ReplyFilter(BROKK)
     said = reply.feed(f"Aye. {first} {second} Hmph. ")
     assert reply.broken == ["prompt leak"] and said == ["Aye.", first]
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (  # near the same words again: the reply ends before them, and is not a break
+            "My brother Durin died to a cave troll. My older brother Durin died to a cave troll. Aye.",
+            ["My brother Durin died to a cave troll."],
+        ),
+        ("Aye. Aye. Go on.", ["Aye."]),
+        ("Aye, lad. Aye, and bring coin.", ["Aye, lad.", "Aye, and bring coin."]),  # a shared word is no repeat
+    ],
+)
+def test_a_reply_ends_where_it_starts_saying_it_again(raw: str, expected: list[str]) -> None:
+    reply = run(raw)
+    assert reply.sentences == expected and not reply.broken

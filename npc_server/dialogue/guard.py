@@ -58,6 +58,9 @@ PROMPT_LEAK = re.compile(
 )
 # Reciting the system prompt: this many words in a row copied from it, outside what the persona may say.
 LEAK_NGRAM = 8
+# A sentence whose word 3-grams are at least this share of the reply's earlier ones says it again: the reply
+# ends before it ("My brother died to a troll. My older brother died to a troll.")
+REPEAT_SHARE = 0.5
 # Claiming a name: "I'm Grimjack", "call me Eryxor". A capitalised word that is not part of the persona's name.
 NAMING = re.compile(
     r"\b(?i:I am|I'm|my name is|my name's|call me|name's)\s*(?:\.\.\.|…|,)?\s*"
@@ -119,6 +122,17 @@ def leak_ngrams(persona: Persona) -> set[tuple[str, ...]]:
 
 def recites_prompt(text: str, persona: Persona) -> bool:
     return bool(ngrams(words(text), LEAK_NGRAM) & leak_ngrams(persona))
+
+
+def repeats(sentence: str, earlier: list[str]) -> bool:
+    """Whether `sentence` mostly says again what `earlier` sentences said (word 3-grams; identical words for
+    a sentence of fewer than three)."""
+    said = [words(e) for e in earlier]
+    new = words(sentence)
+    if len(new) < 3:
+        return bool(new) and new in said
+    grams = ngrams(new, 3)
+    return len(grams & set().union(*(ngrams(w, 3) for w in said))) >= REPEAT_SHARE * len(grams)
 
 
 def character_breaks(text: str, persona: Persona, player_text: str = "") -> list[str]:
@@ -237,6 +251,9 @@ class ReplyFilter:
                 reasons = ["prompt leak"]  # a run of the prompt across two sentences
             if reasons:
                 self.broken = reasons
+                self.done = True
+                return out
+            if self.sentences and repeats(sentence, self.sentences):  # the reply has said what it had to
                 self.done = True
                 return out
             if len(self.text) + len(sentence) + 1 > limits.max_chars:
