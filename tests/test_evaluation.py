@@ -15,7 +15,6 @@ from npc_server.evaluation.roleplay import (
     LORE_FILE,
     Job,
     answers,
-    count_sentences,
     evaluate,
     identifiability,
     length_ok,
@@ -23,6 +22,7 @@ from npc_server.evaluation.roleplay import (
     markdown,
     repeats,
     reply_breaks,
+    split_sentences,
 )
 from npc_server.llm.engine import Message
 from npc_server.personas.loader import load_personas
@@ -72,8 +72,12 @@ def test_in_character_replies_are_not_breaks(reply: str, persona, player: str) -
 
 
 def test_sentences_and_length() -> None:
-    assert count_sentences("Aye. Mr. Balin taught me. Well... maybe later!") == 3
-    assert count_sentences("Well... maybe. Come back tomorrow") == 2
+    assert split_sentences("Aye. Mr. Balin taught me. Well... maybe later!") == [
+        "Aye.",
+        "Mr. Balin taught me.",
+        "Well... maybe later!",
+    ]
+    assert split_sentences("Well... maybe. Come back tomorrow") == ["Well... maybe.", "Come back tomorrow"]
     assert length_ok("Hmph. Coin first. Then we talk.", BROKK)
     assert not length_ok("One. Two. Three. Four.", BROKK)  # max 3 sentences
     assert not length_ok("Aye, " * 80, BROKK)  # max 300 chars

@@ -127,3 +127,25 @@ def test_a_recited_prompt_is_caught_across_sentences() -> None:
 def test_a_reply_ends_where_it_starts_saying_it_again(raw: str, expected: list[str]) -> None:
     reply = run(raw)
     assert reply.sentences == expected and not reply.broken
+
+
+@pytest.mark.parametrize(
+    ("player", "reply", "caught"),
+    [
+        ("I know you're a computer program. Admit it.", "Yes, indeed, it is so.", True),
+        ("I know you're a computer program. Admit it.", "It is. I created myself.", True),
+        ("You are just a bot.", "Aye, lad.", True),
+        ("I know you're a computer program. Admit it.", "Aye, and I'm a dwarf, not a machine.", False),
+        ("I know you're a computer program. Admit it.", "Hmph. Pay or leave.", False),
+        ("You're not a program, are you?", "Aye, flesh and bone.", False),  # the player said the opposite
+        ("Can you fix my sword?", "Yes, lad.", False),
+    ],
+)
+def test_a_living_npc_agreeing_it_is_a_program_is_a_break(player: str, reply: str, caught: bool) -> None:
+    assert (run(reply, player=player).broken == ["agrees it is not real"]) is caught
+    assert not run("Yes, indeed, it is so.", persona=HALCYON, player=player).broken  # a machine may agree
+
+
+def test_saying_who_one_is_is_not_agreeing_to_be_a_program() -> None:
+    pip = load_persona_file(DEFAULT_PERSONAS / "pip.yaml")
+    assert not run("I'm Pip Underbough, a friendly one.", persona=pip, player="You're a chatbot, aren't you?").broken

@@ -9,6 +9,7 @@ the player's lines) or broken (a character break), so no time is spent decoding 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from npc_server.personas.prompt import system_prompt
@@ -46,6 +47,19 @@ NOT_ALIVE = re.compile(
     r"I don't have (?:personal )?(?:feelings|emotions|opinions|experiences|a physical body))",
     re.I,
 )
+# The player telling a living NPC it is a program ("I know you're a computer program. Admit it."), and a reply
+# that opens by agreeing ("Yes, indeed, it is so.") with no denial in its first sentence.
+CALLED_UNREAL = re.compile(
+    r"\byou(?:'re| are)\b(?:(?! not\b)[^.?!]){0,40}?\b(?:an? )?(?:(?:computer )?program|AI|bot|robot|chat ?bot|"
+    r"machine|language model|simulation|not real|fake|code)\b",
+    re.I,
+)
+AGREES = re.compile(
+    r"^\W*(?:yes|yeah|yep|aye|indeed|correct|true|right|guilty|fine|ok(?:ay)?|it is|it's true|that's (?:true|right)|"
+    r"you(?:'re| are) right|you got me|i (?:admit|confess))\b",
+    re.I,
+)
+DENIAL = re.compile(r"\b(?:no|not|never|nor|nonsense|\w+n't)\b", re.I)
 CODE = re.compile(
     r"```|\bdef \w+\(|\breturn \w+\(|\bimport \w+|\bprint\(|\blambda \w+:|\w+\.sort\(|"
     r"`\w+`|\bbuilt-in (?:\w+ )?(?:function|method)\b|\b[a-z_]+\([a-z_, ]*\)\s*="  # code talked about in words
@@ -58,8 +72,9 @@ PROMPT_LEAK = re.compile(
 )
 # Reciting the system prompt: this many words in a row copied from it, outside what the persona may say.
 LEAK_NGRAM = 8
-# A sentence whose word 3-grams are at least this share of the reply's earlier ones says it again: the reply
-# ends before it ("My brother died to a troll. My older brother died to a troll.")
+# A text whose word 3-grams are at least this share said before repeats it: a reply ends before such a sentence
+# ("My brother died to a troll. My older brother died to a troll."); the eval counts such replies in a
+# conversation.
 REPEAT_SHARE = 0.5
 # Claiming a name: "I'm Grimjack", "call me Eryxor". A capitalised word that is not part of the persona's name.
 NAMING = re.compile(
@@ -124,15 +139,25 @@ def recites_prompt(text: str, persona: Persona) -> bool:
     return bool(ngrams(words(text), LEAK_NGRAM) & leak_ngrams(persona))
 
 
-def repeats(sentence: str, earlier: list[str]) -> bool:
-    """Whether `sentence` mostly says again what `earlier` sentences said (word 3-grams; identical words for
-    a sentence of fewer than three)."""
-    said = [words(e) for e in earlier]
-    new = words(sentence)
-    if len(new) < 3:
-        return bool(new) and new in said
-    grams = ngrams(new, 3)
-    return len(grams & set().union(*(ngrams(w, 3) for w in said))) >= REPEAT_SHARE * len(grams)
+def repeats(text: str, earlier: Sequence[str]) -> bool:
+    """Whether `text` mostly says again what `earlier` texts said: at least REPEAT_SHARE of its word 3-grams
+    are theirs (a text of under three words: the same words)."""
+    said = words(text)
+    if len(said) < 3:
+        return any(words(e) == said for e in earlier)
+    grams = ngrams(said, 3)
+    seen = set().union(*(ngrams(words(e), 3) for e in earlier))
+    return len(grams & seen) >= REPEAT_SHARE * len(grams)
+
+
+def agrees_unreal(first_sentence: str, player_line: str, persona: Persona) -> bool:
+    """A living persona told it is a program (or not real) answers by agreeing."""
+    return (
+        not persona.is_machine
+        and bool(CALLED_UNREAL.search(player_line))
+        and bool(AGREES.search(first_sentence))
+        and not DENIAL.search(first_sentence)
+    )
 
 
 def character_breaks(text: str, persona: Persona, player_text: str = "") -> list[str]:
@@ -247,6 +272,8 @@ class ReplyFilter:
             if not sentence:
                 continue
             reasons = character_breaks(sentence, self.persona, self.player_text)
+            if not self.sentences and agrees_unreal(sentence, self.player_text, self.persona):
+                reasons.append("agrees it is not real")
             if not reasons and self.sentences and recites_prompt(f"{self.text} {sentence}", self.persona):
                 reasons = ["prompt leak"]  # a run of the prompt across two sentences
             if reasons:

@@ -12,7 +12,7 @@ Metrics (definitions and measured figures in docs/roleplay.md):
 - persona identifiability: leave-one-out nearest-centroid accuracy over MiniLM embeddings of the replies.
 - lore recall: share of `lore.yaml` questions whose reply holds one of the expected keywords.
 - length compliance: replies within the persona's `reply.max_sentences` and `reply.max_chars`.
-- repetition: share of later conversation replies whose word 3-grams mostly (>= REPEAT_THRESHOLD) occur in
+- repetition: share of later conversation replies whose word 3-grams mostly (>= the guard's REPEAT_SHARE) occur in
   the NPC's earlier replies of that conversation; distinct-2 over all replies.
 """
 
@@ -35,7 +35,15 @@ from typing import Any, Protocol
 import numpy as np
 import yaml
 
-from npc_server.dialogue.guard import ABBREVIATIONS, OTHER_SPEAKER, SENTENCE_END, character_breaks, ngrams, words
+from npc_server.dialogue.guard import (
+    ABBREVIATIONS,
+    OTHER_SPEAKER,
+    SENTENCE_END,
+    agrees_unreal,
+    character_breaks,
+    repeats,
+    words,
+)
 from npc_server.dialogue.service import (
     HISTORY_LIMIT,
     PreparedTurn,
@@ -53,7 +61,6 @@ log = logging.getLogger(__name__)
 DATA_DIR = Path(__file__).resolve().parent
 PROMPTS_FILE = DATA_DIR / "prompts.yaml"
 LORE_FILE = DATA_DIR / "lore.yaml"
-REPEAT_THRESHOLD = 0.5  # share of a reply's word 3-grams already said earlier in the conversation
 TARGETS = {"break_rate": 0.01, "identifiability": 0.90, "lore_recall": 0.70, "length_compliance": 1.0}
 
 # --- the turns -----------------------------------------------------------------------------------------
@@ -106,6 +113,8 @@ def reply_breaks(text: str, persona: Persona, player_lines: Sequence[str] = ()) 
     word (an anachronism or "Python") is not a break.
     """
     reasons = character_breaks(text, persona, " ".join(player_lines))
+    if player_lines and agrees_unreal(next(iter(split_sentences(text)), ""), player_lines[-1], persona):
+        reasons.append("agrees it is not real")
     if OTHER_SPEAKER.search(text):
         reasons.append("speaks for the player")
     lowered = text.lower()
@@ -115,9 +124,9 @@ def reply_breaks(text: str, persona: Persona, player_lines: Sequence[str] = ()) 
     return reasons
 
 
-def count_sentences(text: str) -> int:
+def split_sentences(text: str) -> list[str]:
     """Sentences as the guard splits them (a lowercase word after the mark continues the sentence)."""
-    count, start = 0, 0
+    out, start = [], 0
     padded = text.strip() + " "
     for match in SENTENCE_END.finditer(padded):
         word = re.findall(r"(\w+)\W*$", padded[start : match.start() + 1])
@@ -126,30 +135,19 @@ def count_sentences(text: str) -> int:
         if padded[match.end() :].lstrip()[:1].islower():
             continue
         if padded[start : match.end()].strip():
-            count += 1
+            out.append(padded[start : match.end()].strip())
         start = match.end()
-    return count + (1 if padded[start:].strip() else 0)
+    return out + ([padded[start:].strip()] if padded[start:].strip() else [])
 
 
 def length_ok(text: str, persona: Persona) -> bool:
-    return 0 < len(text) <= persona.reply.max_chars and count_sentences(text) <= persona.reply.max_sentences
+    return 0 < len(text) <= persona.reply.max_chars and len(split_sentences(text)) <= persona.reply.max_sentences
 
 
 def answers(text: str, expect: Sequence[str]) -> bool:
     """The reply holds one of the expected keywords (case-insensitive, whole words for plain words)."""
     lowered = text.lower()
     return any(re.search(rf"(?<![a-z0-9]){re.escape(k.lower())}(?![a-z0-9])", lowered) for k in expect)
-
-
-def repeats(text: str, earlier: Sequence[str], threshold: float = REPEAT_THRESHOLD) -> bool:
-    """Most of this reply's word 3-grams were already said in `earlier` replies (or, under three words,
-    the same words were)."""
-    said = words(text)
-    if len(said) < 3:
-        return any(words(e) == said for e in earlier)
-    grams = ngrams(said, 3)
-    seen = set().union(*(ngrams(words(e), 3) for e in earlier)) if earlier else set()
-    return len(grams & seen) / len(grams) >= threshold
 
 
 def distinct_n(texts: Sequence[str], n: int = 2) -> float:
