@@ -39,14 +39,14 @@ class AdapterSet:
 
     def __init__(self, shapes: list[dict[str, tuple[int, ...]]], dtype: torch.dtype = torch.float32) -> None:
         self.shapes = shapes  # per layer, each part's weight shape, keyed like FUSED's module names
-        self.dtype = dtype  # the model's: B is also kept in it, for the long products of prompts
+        self.dtype = dtype  # the model's: B is also kept in it, for the products of prompts' many rows
         self.index: dict[str, int] = {}
         self.layers: list[dict[str, LowRank]] = [{} for _ in shapes]
         # Per layer and projection, every slot side by side: the slot each of the slots * r' columns belongs to,
-        # then A.T [in, slots * r'] and B.T [slots * r', out] in float32 and again in the model's dtype.
+        # A.T [in, slots * r'] and B.T [slots * r', out], and B.T again in the model's dtype.
         self.side_by_side: list[dict[str, tuple[torch.Tensor, ...]]] = [{} for _ in shapes]
-        # Per slot, layer and projection, that slot's A [r', in] and B.T [r', out] in float32 and again in the
-        # model's dtype: views made once (indexing the stacks costs ~5 us, 240 times a step).
+        # Per slot, layer and projection, views of that slot's A [r', in], B.T [r', out] and B.T in the model's
+        # dtype, made once (indexing the stacks costs ~5 us, 240 times a step).
         self.by_slot: list[list[dict[str, tuple[torch.Tensor, ...]]]] = [[{} for _ in shapes]]
 
     def __contains__(self, name: object) -> bool:
@@ -69,13 +69,12 @@ class AdapterSet:
                 stacked[projection] = a_all, b_all = _put(stacked.get(projection), slot, a, b)
                 slots, rank, inner = a_all.shape
                 owner = torch.arange(slots).repeat_interleave(rank)
-                a_wide, b_wide = a_all.reshape(-1, inner).T.contiguous(), b_all.reshape(slots * rank, -1)
-                wide[projection] = (owner, a_wide, b_wide, a_wide.to(self.dtype), b_wide.to(self.dtype))
-        model = [{p: (a.to(self.dtype), b.to(self.dtype)) for p, (a, b) in stacked.items()} for stacked in self.layers]
+                b_wide = b_all.reshape(slots * rank, -1)
+                wide[projection] = (owner, a_all.reshape(-1, inner).T.contiguous(), b_wide, b_wide.to(self.dtype))
         self.by_slot = [
             [
-                {p: (a[s], b[s], low[p][0][s], low[p][1][s]) for p, (a, b) in stacked.items()}
-                for stacked, low in zip(self.layers, model, strict=True)
+                {p: (a[s], b[s], wide[p][3][s * a.shape[1] : (s + 1) * a.shape[1]]) for p, (a, b) in stacked.items()}
+                for stacked, wide in zip(self.layers, self.side_by_side, strict=True)
             ]
             for s in range(len(self.index) + 1)
         ]

@@ -28,7 +28,7 @@ import torch
 from npc_server.errors import NpcError
 from npc_server.llm.adapters import AdapterSet
 from npc_server.llm.engine import GenerationStats, Message, SamplingParams
-from npc_server.llm.llama import Lora, PackedLlama
+from npc_server.llm.llama import Lora, PackedLlama, give_back_freed_memory
 from npc_server.llm.local import Detokenizer, LocalEngine, sample
 from npc_server.threads import use_cores
 
@@ -163,6 +163,7 @@ class BatchedEngine(LocalEngine):
         """Load a LoRA adapter (peft's files) that requests may then name in `SamplingParams.adapter`. Before
         serving: the stacks are replaced, not locked."""
         self.adapters.load(name, folder)
+        give_back_freed_memory()  # the stacks it replaced
 
     # --- the caller's side -------------------------------------------------------------------------
 

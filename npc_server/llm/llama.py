@@ -30,7 +30,7 @@ Lora = tuple[int | torch.Tensor, AdapterSet] | None
 
 
 INT8_ROWS = 4  # up to this many rows (tokens in a step), the int8 copy is faster; beyond, the native one
-LORA_FLOAT32_ROWS = 16  # up to this many rows, LoRA's products run in float32; beyond, in the model's dtype
+LORA_FLOAT32_ROWS = 16  # up to this many rows, LoRA's B product runs in float32; beyond, in the model's dtype
 
 
 class Weight:
@@ -99,7 +99,7 @@ class PackedLlama:
                     down=Weight(mlp.down_proj.weight, int8),
                 )
             )
-        _give_back_freed_memory()
+        give_back_freed_memory()
 
     def forward(
         self, ids: torch.Tensor, positions: torch.Tensor, write: Write, mask: torch.Tensor | None, lora: Lora = None
@@ -144,29 +144,26 @@ class PackedLlama:
 def _lora(y: torch.Tensor, x: torch.Tensor, lora: Lora, layer: int, projection: str) -> torch.Tensor:
     """y (the projection of x [B, T, in]) plus the low-rank correction of each row's adapter, in place.
 
-    A step's few rows multiply in float32 (one row: ~3 us a product, against ~30 in bf16); a prompt's many rows
-    in the model's dtype, added by addmm_ (in float32, its [rows, out] product and the casts cost more than the
-    projection itself)."""
+    x @ A.T runs in float32 (one row: ~3 us, against ~30 in bf16). A step's few rows multiply by B.T in
+    float32 too; a prompt's many rows in the model's dtype, added by addmm_: their [rows, out] float32 product,
+    added into bf16 in place (a slow path at this size), cost more than the projection itself."""
     if lora is None:
         return y
     slots, adapters = lora
-    rows = x.numel() // x.shape[-1]
-    few = rows <= LORA_FLOAT32_ROWS
     if isinstance(slots, int):  # one adapter for every row: A [r', in], B.T [r', out]
         pair = adapters.by_slot[slots][layer].get(projection)
         if pair is None:
             return y
-        a, b = pair[:2] if few else pair[2:]
-        t = F.linear(x.float() if few else x, a)
+        t, b, b_model = F.linear(x.float(), pair[0]), pair[1], pair[2]
     else:  # all adapters side by side; each row keeps its own columns
         wide = adapters.side_by_side[layer].get(projection)
         if wide is None:
             return y
-        a, b = wide[1:3] if few else wide[3:]
-        t = ((x.float() if few else x) @ a).mul_(slots[:, None, None] == wide[0])
-    if few:  # (cast before adding: float32 into bf16 in place takes a slow path)
-        return y.add_((t @ b).to(y.dtype))
-    y.view(rows, -1).addmm_(t.view(rows, -1), b)
+        t, b, b_model = (x.float() @ wide[1]).mul_(slots[:, None, None] == wide[0]), wide[2], wide[3]
+    rows = t.numel() // t.shape[-1]
+    if rows <= LORA_FLOAT32_ROWS:
+        return y.add_(t @ b)
+    y.view(rows, -1).addmm_(t.view(rows, -1).to(y.dtype), b_model)
     return y
 
 
@@ -182,7 +179,7 @@ def _fuse(*linears: torch.nn.Linear) -> torch.Tensor:
     return fused
 
 
-def _give_back_freed_memory() -> None:
+def give_back_freed_memory() -> None:
     """Packing frees the unfused weights and the quantisation's temporaries, but glibc keeps freed heap pages
     (and counts them in RSS) until asked to return them."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
