@@ -11,8 +11,9 @@ Every loaded adapter sits in one stack per projection, index 0 being "no adapter
 rows use different adapters multiplies by all of them at once: x @ [A_1.T | A_2.T | ...] gives every
 adapter's r' columns, a mask keeps each row's own, and @ [B_1.T; B_2.T; ...] finishes, so two products
 and a mask per projection, however many adapters the batch mixes (gathering each row's matrices instead
-copied megabytes per step). The products run in float32: this small, they cost ~7 us each on the CPU
-against ~40 us in bf16.
+copied megabytes per step). The products run in float32: this small, they cost a few us each on the CPU
+against ~30 us in bf16. A prompt's many rows take the second product in the model's dtype instead (B is kept
+in it too): see `llama._lora`.
 """
 
 from __future__ import annotations
