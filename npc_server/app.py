@@ -99,9 +99,9 @@ def load_adapters(engine: Engine, personas: dict[str, Persona], settings: Settin
 def prefill_personas(
     engine: Engine, personas: dict[str, Persona], adapter: Callable[[Persona], str | None] = lambda _: None
 ) -> None:
-    """Put every persona's fixed prompt into the engine's prefix cache, so even the first turn with each
-    NPC only computes what follows it (blocking: a worker thread). `adapter`: the LoRA adapter the persona's
-    turns run with (its KV differs)."""
+    """Put every persona's fixed prompt into the engine's prefix cache for good, so every turn with each NPC,
+    the first included, only computes what follows it (blocking: a worker thread). `adapter`: the LoRA adapter
+    the persona's turns run with (its KV differs)."""
     cache = getattr(engine, "prefix_cache", None)
     if cache is None or cache.max_tokens == 0:
         return
@@ -110,6 +110,7 @@ def prefill_personas(
         messages = [*fixed_messages(persona), Message("user", "Hello.")]
         for _ in engine.generate(messages, params, GenerationStats(), threading.Event()):
             pass
+    cache.pin()  # never pushed out by conversations
 
 
 def load_perception(settings: Settings) -> tuple[Perception, AffectFuser]:

@@ -214,3 +214,21 @@ def test_prefix_cache_keeps_one_entry_per_conversation() -> None:
     assert sorted(kept) == [1000, 1100] and cache.tokens == 2100  # turn1 superseded; the other conversation kept
     assert cache.longest(ids(range(900), range(7000, 7100)))[0] == 1000
     assert cache.longest(ids(range(900), range(9000, 9010)))[0] == 900  # a new conversation: the shared part
+
+
+def test_pinned_persona_prefixes_outlive_the_conversations_that_push_each_other_out() -> None:
+    from npc_server.llm.batched import PrefixCache
+
+    kv = [(torch.zeros(1, 1, 1), torch.zeros(1, 1, 1))]
+    cache = PrefixCache(2_500)
+    persona = torch.arange(900)
+    cache.add(torch.cat([persona, torch.tensor([1])]), kv)  # the fixed prompt and "Hello."
+    cache.pin()
+    assert cache.tokens == 0
+    for conversation in range(1, 7):  # each repeats the persona's prefix; only two fit the budget
+        start = 10_000 * conversation
+        cache.add(torch.cat([persona, torch.arange(start, start + 300)]), kv)
+        assert cache.tokens <= 2_500
+    assert len(cache.entries) == 3 and cache.pinned <= set(cache.entries)  # the prefix stayed, and the last two
+    assert cache.longest(torch.cat([persona, torch.tensor([5, 6])]))[0] == 900
+    assert cache.longest(torch.cat([persona, torch.arange(10_000, 10_300)]))[0] == 900  # the first conversation went

@@ -69,13 +69,15 @@ class PrefixCache:
 
     A conversation's next prompt repeats its last one up to the note before the player's line, so an entry
     that a new prompt repeats all but its last few tokens of is superseded by the new one and dropped: the
-    cache then holds about one entry per live conversation instead of one per turn, and persona prefixes
-    are not pushed out by a few busy conversations."""
+    cache then holds about one entry per live conversation instead of one per turn. Entries `pin`ned (every
+    persona's fixed prompt, at start-up) are never superseded or evicted and do not count against the budget:
+    however many conversations push each other out, a turn starts at least from its persona's prefix."""
 
     def __init__(self, max_tokens: int) -> None:
         self.max_tokens = max_tokens
         self.entries: OrderedDict[tuple[str | None, int], tuple[torch.Tensor, KV]] = OrderedDict()
-        self.tokens = 0
+        self.pinned: set[tuple[str | None, int]] = set()
+        self.tokens = 0  # in entries not pinned
         self.hits = 0
         self.reused_tokens = 0
 
@@ -101,13 +103,21 @@ class PrefixCache:
         if key in self.entries or len(prompt) > self.max_tokens:
             return
         for match, old_key in list(self._matches(prompt, adapter)):
-            if match >= len(self.entries[old_key][0]) - SUPERSEDED:
+            if old_key not in self.pinned and match >= len(self.entries[old_key][0]) - SUPERSEDED:
                 self.tokens -= len(self.entries.pop(old_key)[0])
         self.entries[key] = (prompt, kv)
         self.tokens += len(prompt)
-        while self.tokens > self.max_tokens:
-            _, (old, _) = self.entries.popitem(last=False)
-            self.tokens -= len(old)
+        for old_key in [k for k in self.entries if k not in self.pinned]:  # oldest first
+            if self.tokens <= self.max_tokens:
+                break
+            self.tokens -= len(self.entries.pop(old_key)[0])
+
+    def pin(self) -> None:
+        """Keep every entry cached now for good (see the class)."""
+        for key, (ids, _) in self.entries.items():
+            if key not in self.pinned:
+                self.pinned.add(key)
+                self.tokens -= len(ids)
 
 
 class BatchedEngine(LocalEngine):
