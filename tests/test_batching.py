@@ -151,11 +151,24 @@ def test_prefix_cached_equals_uncached(folder, reference) -> None:  # type: igno
         again = "".join(engine.generate(prompt(QUESTIONS[0]), GREEDY, GenerationStats(), threading.Event()))
         assert stats.extra["prefix_reused_tokens"] > 10  # the shared system turn came from the cache
         assert [first, second, again] == [reference[QUESTIONS[0]], reference[QUESTIONS[1]], reference[QUESTIONS[0]]]
+        # A conversation over a pinned prefix: its entry keeps only the KV after the shared system turn, and
+        # its next turn is rebuilt from both.
+        engine.prefix_cache.pin()
+        reply = generate(engine, prompt(QUESTIONS[2]))
+        follow_up = [*prompt(QUESTIONS[2]), Message("assistant", reply), Message("user", QUESTIONS[3])]
+        for k, v in zip(engine._k, engine._v, strict=True):  # no help from what earlier turns left in the slots
+            k.normal_()
+            v.normal_()
+        stats = GenerationStats()
+        continued = "".join(engine.generate(follow_up, GREEDY, stats, threading.Event()))
+        assert stats.extra["prefix_reused_tokens"] > engine.count_tokens(prompt(QUESTIONS[2])) - 3
     finally:
         engine.close()
     uncached = BatchedEngine(folder, dtype="float32", max_batch=2, prefix_cache_tokens=0)
     try:
         assert generate(uncached, prompt(QUESTIONS[1])) == reference[QUESTIONS[1]]
+        assert generate(uncached, prompt(QUESTIONS[2])) == reply
+        assert generate(uncached, follow_up) == continued
         assert uncached.prefix_cache.hits == 0
     finally:
         uncached.close()
@@ -206,29 +219,36 @@ def test_prefix_cache_keeps_one_entry_per_conversation() -> None:
     cache = PrefixCache(100_000)
     turn1 = ids(range(900), range(5000, 5100))  # persona + history, then note and line
     other = ids(range(700), range(6000, 6300))  # another conversation with the same persona
-    cache.add(turn1, kv)
-    cache.add(other, kv)
+    cache.add(turn1, lambda _: kv)
+    cache.add(other, lambda _: kv)
     turn2 = ids(range(900), range(7000, 7200))  # the same history, then the last exchange, note and line
-    cache.add(turn2, kv)
-    kept = [len(entry) for entry, _ in cache.entries.values()]
+    cache.add(turn2, lambda _: kv)
+    kept = [len(entry[0]) for entry in cache.entries.values()]
     assert sorted(kept) == [1000, 1100] and cache.tokens == 2100  # turn1 superseded; the other conversation kept
     assert cache.longest(ids(range(900), range(7000, 7100)))[0] == 1000
     assert cache.longest(ids(range(900), range(9000, 9010)))[0] == 900  # a new conversation: the shared part
 
 
-def test_pinned_persona_prefixes_outlive_the_conversations_that_push_each_other_out() -> None:
+def test_pinned_persona_prefixes_outlive_conversations_which_hold_only_what_follows_them() -> None:
     from npc_server.llm.batched import PrefixCache
 
     kv = [(torch.zeros(1, 1, 1), torch.zeros(1, 1, 1))]
     cache = PrefixCache(2_500)
     persona = torch.arange(900)
-    cache.add(torch.cat([persona, torch.tensor([1])]), kv)  # the fixed prompt and "Hello."
+    cache.add(torch.cat([persona, torch.tensor([1])]), lambda _: kv)  # the fixed prompt and "Hello."
     cache.pin()
     assert cache.tokens == 0
-    for conversation in range(1, 7):  # each repeats the persona's prefix; only two fit the budget
-        start = 10_000 * conversation
-        cache.add(torch.cat([persona, torch.arange(start, start + 300)]), kv)
+    read_from = []
+
+    def conversation(n: int) -> torch.Tensor:
+        return torch.cat([persona, torch.arange(10_000 * n, 10_000 * n + 300)])
+
+    for n in range(1, 11):  # each repeats the persona's prefix, then 300 tokens of its own
+        cache.add(conversation(n), lambda start: read_from.append(start) or kv)
         assert cache.tokens <= 2_500
-    assert len(cache.entries) == 3 and cache.pinned <= set(cache.entries)  # the prefix stayed, and the last two
-    assert cache.longest(torch.cat([persona, torch.tensor([5, 6])]))[0] == 900
-    assert cache.longest(torch.cat([persona, torch.arange(10_000, 10_300)]))[0] == 900  # the first conversation went
+    assert read_from == [900] * 10  # only the KV after the pinned prefix is copied and kept
+    assert cache.tokens == 8 * 300 and len(cache.entries) == 9  # the prefix, neither superseded nor evicted
+    assert cache.pinned <= set(cache.entries)
+    assert cache.longest(conversation(1))[0] == 900  # pushed out: the persona's prefix is still there
+    reused, parts = cache.longest(conversation(10))
+    assert reused == 1200 and [(start, stop) for _, start, stop in parts] == [(0, 900), (900, 1200)]

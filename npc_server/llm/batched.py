@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +58,8 @@ class _Sequence:
 
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [kv_heads, T, head_dim]
+Parts = list[tuple[KV, int, int]]  # KV for positions start..stop, in order: together, a prompt's first positions
+Key = tuple[str | None, int]  # a prefix-cache entry: (adapter, hash of the prompt ids)
 
 
 SUPERSEDED = 128  # tokens: an entry whose all but this many a new prompt repeats is dropped for it
@@ -71,53 +73,69 @@ class PrefixCache:
     that a new prompt repeats all but its last few tokens of is superseded by the new one and dropped: the
     cache then holds about one entry per live conversation instead of one per turn. Entries `pin`ned (every
     persona's fixed prompt, at start-up) are never superseded or evicted and do not count against the budget:
-    however many conversations push each other out, a turn starts at least from its persona's prefix."""
+    however many conversations push each other out, a turn starts at least from its persona's prefix. An entry
+    that starts with a pinned one keeps only the KV after it (the persona's ~900 tokens are not held once per
+    conversation), so the budget holds about twice the conversations."""
 
     def __init__(self, max_tokens: int) -> None:
         self.max_tokens = max_tokens
-        self.entries: OrderedDict[tuple[str | None, int], tuple[torch.Tensor, KV]] = OrderedDict()
-        self.pinned: set[tuple[str | None, int]] = set()
-        self.tokens = 0  # in entries not pinned
+        # key -> (prompt ids, KV of positions start.., start, the pinned entry holding positions ..start)
+        self.entries: OrderedDict[Key, tuple[torch.Tensor, KV, int, Key | None]] = OrderedDict()
+        self.pinned: set[Key] = set()
+        self.tokens = 0  # KV positions held by entries not pinned
         self.hits = 0
         self.reused_tokens = 0
 
-    def _matches(self, prompt: torch.Tensor, adapter: str | None) -> Iterator[tuple[int, tuple[str | None, int]]]:
+    def _matches(self, prompt: torch.Tensor, adapter: str | None) -> Iterator[tuple[int, Key]]:
         """(positions shared with `prompt`, key) for each entry of the same adapter."""
-        for key, (ids, _) in self.entries.items():
+        for key, (ids, *_) in self.entries.items():
             if key[0] == adapter:
                 n = min(len(ids), len(prompt))
                 same = (ids[:n] == prompt[:n]).to(torch.int8)
                 yield (n if bool(same.all()) else int(torch.argmin(same))), key
 
-    def longest(self, prompt: torch.Tensor, adapter: str | None = None) -> tuple[int, KV | None]:
-        best, best_kv, best_key = 0, None, None
+    def longest(self, prompt: torch.Tensor, adapter: str | None = None) -> tuple[int, Parts]:
+        """Positions of `prompt` cached, and their KV."""
+        best, best_key = 0, None
         for match, key in self._matches(prompt, adapter):
             if match > best:
-                best, best_kv, best_key = match, self.entries[key][1], key
-        if best_key is not None:
-            self.entries.move_to_end(best_key)
-        return best, best_kv
+                best, best_key = match, key
+        if best_key is None:
+            return 0, []
+        self.entries.move_to_end(best_key)
+        ids, kv, start, base = self.entries[best_key]
+        parts = [(self.entries[base][1], 0, start)] if base is not None else []
+        return best, [*parts, (kv, start, len(ids))]
 
-    def add(self, prompt: torch.Tensor, kv: KV, adapter: str | None = None) -> None:
+    def add(self, prompt: torch.Tensor, read: Callable[[int], KV], adapter: str | None = None) -> None:
+        """Cache `prompt`, whose KV from a position on `read` copies."""
         key = (adapter, hash(tuple(prompt.tolist())))
         if key in self.entries or len(prompt) > self.max_tokens:
             return
+        base, start = None, 0
         for match, old_key in list(self._matches(prompt, adapter)):
-            if old_key not in self.pinned and match >= len(self.entries[old_key][0]) - SUPERSEDED:
-                self.tokens -= len(self.entries.pop(old_key)[0])
-        self.entries[key] = (prompt, kv)
-        self.tokens += len(prompt)
+            if old_key in self.pinned:
+                if match > start:
+                    base, start = old_key, match
+            elif match >= len(self.entries[old_key][0]) - SUPERSEDED:
+                self._drop(old_key)
+        self.entries[key] = (prompt, read(start), start, base)
+        self.tokens += len(prompt) - start
         for old_key in [k for k in self.entries if k not in self.pinned]:  # oldest first
             if self.tokens <= self.max_tokens:
                 break
-            self.tokens -= len(self.entries.pop(old_key)[0])
+            self._drop(old_key)
+
+    def _drop(self, key: Key) -> None:
+        ids, _, start, _ = self.entries.pop(key)
+        self.tokens -= len(ids) - start
 
     def pin(self) -> None:
         """Keep every entry cached now for good (see the class)."""
-        for key, (ids, _) in self.entries.items():
+        for key, (ids, _, start, _) in self.entries.items():
             if key not in self.pinned:
                 self.pinned.add(key)
-                self.tokens -= len(ids)
+                self.tokens -= len(ids) - start
 
 
 class BatchedEngine(LocalEngine):
@@ -258,10 +276,10 @@ class BatchedEngine(LocalEngine):
             taken = {f.slot for f in self._filling}
             seq.slot = next(s for s in range(len(self._active), self.max_batch) if s not in taken)
             prompt = torch.tensor(seq.prompt)
-            reused, kv = self.prefix_cache.longest(prompt, seq.params.adapter)
+            reused, parts = self.prefix_cache.longest(prompt, seq.params.adapter)
             reused = min(reused, len(seq.prompt) - 1)  # at least one position to compute logits from
-            if kv is not None and reused > 0:
-                self._write_slot(seq.slot, kv, reused)
+            if parts and reused > 0:
+                self._write_slot(seq.slot, parts, reused)
                 self.prefix_cache.hits += 1
                 self.prefix_cache.reused_tokens += reused
             seq.length = reused
@@ -313,23 +331,29 @@ class BatchedEngine(LocalEngine):
         prompt = seq.seen
         self._emit(seq, logits)  # first: copying the KV below takes a few ms
         end, slot, old = seq.length, len(self._active), seq.slot
-        kv = [(k[old, :, :end].clone(), v[old, :, :end].clone()) for k, v in zip(self._k, self._v, strict=True)]
-        self.prefix_cache.add(prompt, kv, seq.params.adapter)
+        self.prefix_cache.add(prompt, lambda start: self._read_slot(old, start, end), seq.params.adapter)
         if old != slot:
+            kv = self._read_slot(old, 0, end)
             other = next((f for f in self._filling if f.slot == slot), None)
             if other is not None:
                 self._copy_slot(slot, old, other.length)
                 other.slot = old
-            self._write_slot(slot, kv, end)
+            self._write_slot(slot, [(kv, 0, end)], end)
             seq.slot = slot
         self._filling.remove(seq)
         self._active.append(seq)
 
-    def _write_slot(self, slot: int, kv: KV, length: int) -> None:
-        """The first `length` positions of per-layer keys and values `kv` into `slot`."""
-        for layer, (k, v) in enumerate(kv):
-            self._k[layer][slot, :, :length] = k[:, :length]
-            self._v[layer][slot, :, :length] = v[:, :length]
+    def _read_slot(self, slot: int, start: int, end: int) -> KV:
+        pairs = zip(self._k, self._v, strict=True)
+        return [(k[slot, :, start:end].clone(), v[slot, :, start:end].clone()) for k, v in pairs]
+
+    def _write_slot(self, slot: int, parts: Parts, length: int) -> None:
+        """The first `length` positions of `parts`' keys and values into `slot`."""
+        for kv, start, stop in parts:
+            stop = min(stop, length)
+            for layer, (k, v) in enumerate(kv if stop > start else []):
+                self._k[layer][slot, :, start:stop] = k[:, : stop - start]
+                self._v[layer][slot, :, start:stop] = v[:, : stop - start]
         self._finite[slot] = max(self._finite[slot], length)
 
     def _copy_slot(self, source: int, target: int, length: int) -> None:
