@@ -331,15 +331,17 @@ class BatchedEngine(LocalEngine):
         prompt = seq.seen
         self._emit(seq, logits)  # first: copying the KV below takes a few ms
         end, slot, old = seq.length, len(self._active), seq.slot
-        self.prefix_cache.add(prompt, lambda start: self._read_slot(old, start, end), seq.params.adapter)
         if old != slot:
-            kv = self._read_slot(old, 0, end)
             other = next((f for f in self._filling if f.slot == slot), None)
-            if other is not None:
+            if other is None:
+                self._copy_slot(old, slot, end)
+            else:  # swap, through a copy of this one's KV
+                kv = self._read_slot(old, 0, end)
                 self._copy_slot(slot, old, other.length)
                 other.slot = old
-            self._write_slot(slot, [(kv, 0, end)], end)
+                self._write_slot(slot, [(kv, 0, end)], end)
             seq.slot = slot
+        self.prefix_cache.add(prompt, lambda start: self._read_slot(slot, start, end), seq.params.adapter)
         self._filling.remove(seq)
         self._active.append(seq)
 
@@ -351,7 +353,9 @@ class BatchedEngine(LocalEngine):
         """The first `length` positions of `parts`' keys and values into `slot`."""
         for kv, start, stop in parts:
             stop = min(stop, length)
-            for layer, (k, v) in enumerate(kv if stop > start else []):
+            if stop <= start:
+                continue
+            for layer, (k, v) in enumerate(kv):
                 self._k[layer][slot, :, start:stop] = k[:, : stop - start]
                 self._v[layer][slot, :, start:stop] = v[:, : stop - start]
         self._finite[slot] = max(self._finite[slot], length)
