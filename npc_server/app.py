@@ -64,7 +64,7 @@ def load_engine(settings: Settings) -> Engine:
             context_tokens=settings.context_tokens,
             max_batch=settings.max_batch,
             prefix_cache_tokens=settings.prefix_cache_tokens,
-            int8=settings.int8,
+            quantize=settings.quantize,
             threads=settings.llm_threads,
         )
     else:

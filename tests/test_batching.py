@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from npc_server.app import prefill_personas
 from npc_server.llm.batched import BatchedEngine
 from npc_server.llm.engine import GenerationStats, Message, SamplingParams
-from npc_server.llm.llama import INT8_ROWS, Weight
+from npc_server.llm.llama import INT4_ROWS, INT8_ROWS, Weight
 from npc_server.llm.local import LocalEngine
 from npc_server.llm.weights import resolve_model
 from npc_server.personas.loader import load_personas
@@ -194,18 +194,34 @@ def test_persona_prefixes_are_prefilled_at_start(folder) -> None:  # type: ignor
         engine.close()
 
 
+def four_bit(rows: int, cols: int) -> torch.Tensor:
+    """A weight of 4-bit levels in groups of 32 along each row, each group with its own step and offset: what
+    a Q4_1 GGUF's weights are once dequantised."""
+    levels = torch.randint(0, 16, (rows, cols // 32, 32)).float()
+    levels[..., :2] = torch.tensor([0.0, 15.0])  # a group's lowest and highest weights are its end levels
+    step, low = torch.rand(rows, cols // 32, 1) * 0.01, torch.randn(rows, cols // 32, 1) * 0.05
+    return (levels * step + low).flatten(1).to(torch.bfloat16)
+
+
 @pytest.mark.parametrize("rows", [1, 3])
-def test_int8_weights_stay_close_to_the_model_weights(rows: int) -> None:
+@pytest.mark.parametrize(
+    ("weight", "kernel_rows", "tolerance"),
+    [
+        (lambda: torch.randn(256, 128, dtype=torch.bfloat16), INT8_ROWS, 0.02),  # not 4-bit: int8
+        (lambda: four_bit(256, 128), INT4_ROWS, 0.005),  # 4-bit levels: int4, as close as bf16 allows
+    ],
+)
+def test_quantised_weights_stay_close_to_the_model_weights(rows, weight, kernel_rows, tolerance) -> None:
     torch.manual_seed(0)
-    w = torch.randn(256, 128, dtype=torch.bfloat16)
+    w = weight()
     x = torch.randn(rows, 128, dtype=torch.bfloat16)
     exact = F.linear(x.float(), w.float())
-    int8 = Weight(w, int8=True)
-    assert int8.int8 is not None and int8.int8[0].dtype == torch.int8
-    error = (int8(x).float() - exact).norm() / exact.norm()
-    assert error < 0.02
-    wide = torch.randn(INT8_ROWS + 1, 128, dtype=torch.bfloat16)
-    assert torch.equal(int8(wide), F.linear(wide, w))  # larger batches use the model's own weights
+    quantised = Weight(w, quantize=True)
+    assert quantised.rows == kernel_rows
+    error = (quantised(x).float() - exact).norm() / exact.norm()
+    assert error < tolerance
+    wide = torch.randn(kernel_rows + 1, 128, dtype=torch.bfloat16)
+    assert torch.equal(quantised(wide), F.linear(wide, w))  # larger batches use the model's own weights
 
 
 def test_prefix_cache_keeps_one_entry_per_conversation() -> None:

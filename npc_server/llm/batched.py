@@ -151,7 +151,7 @@ class BatchedEngine(LocalEngine):
         max_waiting: int = 64,
         prefix_cache_tokens: int = 16384,
         prefill_chunk: int = 256,
-        int8: bool = False,
+        quantize: bool = False,
         threads: int = 2,
     ) -> None:
         super().__init__(folder, dtype=dtype, context_tokens=context_tokens, threads=threads)
@@ -160,7 +160,7 @@ class BatchedEngine(LocalEngine):
             raise ValueError(f"the batched engine runs Llama-architecture models, not {config.model_type}")
         self.max_concurrency = max_batch + max_waiting
         self.max_batch = max_batch
-        self.packed = PackedLlama(self.model, int8=int8)
+        self.packed = PackedLlama(self.model, quantize=quantize)
         shape = (max_batch, self.packed.kv_heads, self.context_tokens, self.packed.head_dim)
         # torch.empty: pages are only touched (and counted in RSS) as sequences fill them.
         self._k = [torch.empty(shape, dtype=self.dtype) for _ in self.packed.layers]
