@@ -12,8 +12,8 @@ rows use different adapters multiplies by all of them at once: x @ [A_1.T | A_2.
 adapter's r' columns, a mask keeps each row's own, and @ [B_1.T; B_2.T; ...] finishes, so two products
 and a mask per projection, however many adapters the batch mixes (gathering each row's matrices instead
 copied megabytes per step). The products run in float32: this small, they cost a few us each on the CPU
-against ~30 us in bf16. A prompt's many rows take the second product in the model's dtype instead (B is kept
-in it too): see `llama._lora`.
+against ~30 us in bf16. A prompt's many rows take both products in the model's dtype instead (A and B are
+kept in it too): see `llama._lora`.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ class AdapterSet:
         # Per layer and projection, every slot side by side: the slot each of the slots * r' columns belongs to,
         # A.T [in, slots * r'] and B.T [slots * r', out], and B.T again in the model's dtype.
         self.side_by_side: list[dict[str, tuple[torch.Tensor, ...]]] = [{} for _ in shapes]
-        # Per slot, layer and projection, views of that slot's A [r', in], B.T [r', out] and B.T in the model's
-        # dtype, made once (indexing the stacks costs ~5 us, 240 times a step).
+        # Per slot, layer and projection, that slot's A [r', in] and B.T [r', out] in float32 (views), then A and
+        # B.T in the model's dtype, made once (indexing the stacks costs ~5 us, 240 times a step).
         self.by_slot: list[list[dict[str, tuple[torch.Tensor, ...]]]] = [[{} for _ in shapes]]
 
     def __contains__(self, name: object) -> bool:
@@ -74,7 +74,10 @@ class AdapterSet:
                 wide[projection] = (owner, a_all.reshape(-1, inner).T.contiguous(), b_wide, b_wide.to(self.dtype))
         self.by_slot = [
             [
-                {p: (a[s], b[s], wide[p][3][s * a.shape[1] : (s + 1) * a.shape[1]]) for p, (a, b) in stacked.items()}
+                {
+                    p: (a[s], b[s], a[s].to(self.dtype), wide[p][3][s * a.shape[1] : (s + 1) * a.shape[1]])
+                    for p, (a, b) in stacked.items()
+                }
                 for stacked, wide in zip(self.layers, self.side_by_side, strict=True)
             ]
             for s in range(len(self.index) + 1)

@@ -189,25 +189,29 @@ class PackedLlama:
 def _lora(y: torch.Tensor, x: torch.Tensor, lora: Lora, layer: int, projection: str) -> torch.Tensor:
     """y (the projection of x [B, T, in]) plus the low-rank correction of each row's adapter, in place.
 
-    x @ A.T runs in float32 (one row: ~3 us, against ~30 in bf16). A step's few rows multiply by B.T in
-    float32 too; a prompt's many rows in the model's dtype, added by addmm_: their [rows, out] float32 product,
-    added into bf16 in place (a slow path at this size), cost more than the projection itself."""
+    A step's few rows multiply in float32 (x @ A.T on one row: ~3 us, against ~30 in bf16). A prompt's many
+    rows multiply in the model's dtype, the second product added by addmm_: a [rows, out] float32 product added
+    into bf16 in place (a slow path at this size) cost more than the projection itself."""
     if lora is None:
         return y
     slots, adapters = lora
+    rows = x.numel() // x.shape[-1]
     if isinstance(slots, int):  # one adapter for every row: A [r', in], B.T [r', out]
-        pair = adapters.by_slot[slots][layer].get(projection)
-        if pair is None:
+        parts = adapters.by_slot[slots][layer].get(projection)
+        if parts is None:
             return y
-        t, b, b_model = F.linear(x.float(), pair[0]), pair[1], pair[2]
+        a32, b32, a_model, b_model = parts
+        if rows > LORA_FLOAT32_ROWS:
+            y.view(rows, -1).addmm_(F.linear(x.reshape(rows, -1), a_model), b_model)
+            return y
+        t = F.linear(x.float(), a32)
     else:  # all adapters side by side; each row keeps its own columns
         wide = adapters.side_by_side[layer].get(projection)
         if wide is None:
             return y
-        t, b, b_model = (x.float() @ wide[1]).mul_(slots[:, None, None] == wide[0]), wide[2], wide[3]
-    rows = t.numel() // t.shape[-1]
+        t, b32, b_model = (x.float() @ wide[1]).mul_(slots[:, None, None] == wide[0]), wide[2], wide[3]
     if rows <= LORA_FLOAT32_ROWS:
-        return y.add_(t @ b)
+        return y.add_(t @ b32)
     y.view(rows, -1).addmm_(t.view(rows, -1).to(y.dtype), b_model)
     return y
 
