@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     max_batch: int = Field(16, ge=1, le=256)
     prefix_cache_tokens: int = Field(16384, ge=0, le=1_000_000)  # KV of recent prompts kept for reuse
     # Steps of up to 12 streams read a quantised copy of the weights: int4 where the weights are 4-bit levels
-    # already (the embedded model's layers), else int8; larger batches the model's own. ~60 MiB more memory
+    # already (the embedded model's layers), else int8; larger batches the model's own. ~90 MiB more memory
     # for the embedded model.
     quantize: bool = True
     # Apply the LoRA adapters `npc-server finetune` left beside the persona files (personas/adapters/<id>/)

@@ -44,7 +44,9 @@ class Weight:
     are such: 4x closer), else int8 with one scale per output row."""
 
     def __init__(self, w: torch.Tensor, quantize: bool) -> None:
-        self.w = w
+        # detached: quantising a model's parameter (requires_grad) would otherwise keep an autograd graph, and
+        # every float32 temporary it saved, alive with the quantised copy (~200 MiB for SmolLM2)
+        self.w = w = w.detach()
         self.rows = 0  # the most rows the quantised copy serves
         self.small: Callable[[torch.Tensor], torch.Tensor] | None = None
         if quantize:
