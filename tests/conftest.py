@@ -29,6 +29,7 @@ class ScriptedEngine:
     def __init__(self, *replies: str) -> None:
         self.replies = list(replies) or ["Aye."]
         self.calls: list[list[Message]] = []
+        self.params: list[SamplingParams] = []
 
     def count_tokens(self, messages: list[Message]) -> int:
         return sum(len(m.content.split()) + 4 for m in messages)
@@ -37,6 +38,7 @@ class ScriptedEngine:
         self, messages: list[Message], params: SamplingParams, stats: GenerationStats, cancel: threading.Event
     ) -> Iterator[str]:
         self.calls.append(messages)
+        self.params.append(params)
         reply = self.replies[min(len(self.calls) - 1, len(self.replies) - 1)]
         stats.prompt_tokens = self.count_tokens(messages)
         stats.finish_reason = "stop"

@@ -6,10 +6,12 @@ import json
 import threading
 from pathlib import Path
 
+import yaml
 from fastapi.testclient import TestClient
 
 from npc_server.app import create_app
 from npc_server.dialogue.service import ReplyDelta, TurnInput
+from npc_server.settings import DEFAULT_PERSONAS
 from tests.conftest import ScriptedEngine, make_settings, wait_ready
 
 
@@ -177,3 +179,17 @@ async def test_a_cut_off_reply_is_stored_as_interrupted(tmp_path: Path) -> None:
         turns = client.get(f"/v1/sessions/{prepared.session_id}").json()["turns"]
         assert [(t["role"], t["text"]) for t in turns] == [("player", "Is it broken?"), ("npc", first.text)]
         assert turns[1]["meta"]["interrupted"] is True
+
+
+def test_a_personas_banned_phrases_reach_decoding(tmp_path: Path) -> None:
+    persona = yaml.safe_load((DEFAULT_PERSONAS / "brokk.yaml").read_text())
+    persona["generation"]["banned_phrases"] = ["my good sir", "okay"]
+    folder = tmp_path / "personas"
+    folder.mkdir()
+    (folder / "brokk.yaml").write_text(yaml.safe_dump(persona))
+    engine = ScriptedEngine("Aye, lad.")
+    app = create_app(make_settings(tmp_path, personas_dir=folder), engine_factory=lambda _: engine)
+    with TestClient(app) as client:
+        wait_ready(client)
+        assert client.post("/v1/npcs/brokk/turns", json={"player_id": "p", "text": "Hello."}).status_code == 200
+    assert engine.params and all(p.banned == ("my good sir", "okay") for p in engine.params)

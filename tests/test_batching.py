@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import torch
@@ -82,6 +83,24 @@ def test_batched_equals_unbatched(batched: BatchedEngine, reference: dict[str, s
         v.fill_(float("nan"))
     assert concurrently(batched, QUESTIONS) == reference
     assert batched.batched_tokens > batched.steps  # steps really ran several sequences at once
+
+
+def test_banned_phrases_are_never_generated_and_leave_other_sessions_alone(batched: BatchedEngine, reference) -> None:  # type: ignore[no-untyped-def]
+    banned_question = QUESTIONS[0]
+    phrase = " ".join(reference[banned_question].split()[1:3])  # two words of its greedy reply
+    out: dict[str, str] = {}
+
+    def work(q: str) -> None:
+        params = replace(GREEDY, banned=(phrase,)) if q == banned_question else GREEDY
+        out[q] = "".join(batched.generate(prompt(q), params, GenerationStats(), threading.Event()))
+
+    threads = [threading.Thread(target=work, args=(q,)) for q in QUESTIONS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert out[banned_question].strip() and phrase not in out[banned_question]
+    assert {q: out[q] for q in QUESTIONS[1:]} == {q: reference[q] for q in QUESTIONS[1:]}
 
 
 def test_cancelling_one_session_leaves_the_others_unchanged(batched: BatchedEngine, reference) -> None:  # type: ignore[no-untyped-def]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 
 from npc_server.llm.engine import GenerationStats, Message, SamplingParams
-from npc_server.llm.local import LocalEngine
+from npc_server.llm.local import LocalEngine, banned_sequences
 from npc_server.llm.weights import resolve_model
 from tests.conftest import MODEL_CACHE
 
@@ -55,6 +56,28 @@ def test_length_limit_and_stop_strings(engine: LocalEngine) -> None:
     word = full.split()[2]
     cut, stats = generate(engine, SamplingParams(temperature=0.0, max_new_tokens=30, stop=(word,)))
     assert word not in cut and full.startswith(cut) and stats.finish_reason == "stop"
+
+
+def test_banned_phrases_are_never_generated(engine: LocalEngine) -> None:
+    full, _ = generate(engine, SamplingParams(temperature=0.0, max_new_tokens=30))
+    phrase = " ".join(full.split()[1:3])  # two words of the greedy reply
+    text, stats = generate(engine, SamplingParams(temperature=0.0, max_new_tokens=30, banned=(phrase,)))
+    assert text.strip() and phrase not in text and stats.completion_tokens > 0
+
+
+def test_a_banned_phrase_is_every_spelling_of_it_at_a_word_start(engine: LocalEngine) -> None:
+    banned = banned_sequences(engine.tokenizer, ("language model", "AI"))
+    spelled = {engine.tokenizer.decode(list(s)) for s in banned.sequences}
+    assert {"language model", " language model", "Language model", " Language model", " AI", "AI"} <= spelled
+    first = next(s for s in banned.sequences if len(s) > 1)
+    logits = torch.zeros(engine.tokenizer.vocab_size)
+    banned.apply(logits, torch.tensor([5, 6, *first[:-1]]))
+    ruled_out = set(torch.nonzero(torch.isinf(logits)).flatten().tolist())
+    ones = {s[0] for s in banned.sequences if len(s) == 1}
+    assert ruled_out == ones | {first[-1]}  # the one-token spellings always; the phrase's end only after its start
+    logits = torch.zeros(engine.tokenizer.vocab_size)
+    banned.apply(logits, torch.tensor([5, 6, 7]))
+    assert set(torch.nonzero(torch.isinf(logits)).flatten().tolist()) == ones
 
 
 def test_cancel_stops_decoding(engine: LocalEngine) -> None:

@@ -154,7 +154,8 @@ class TurnService:
             raise NotFound(f"no NPC with id '{npc_id}'", code="npc_not_found")
         return persona
 
-    def sampling(self, persona: Persona, attempt: int) -> SamplingParams:
+    def sampling(self, persona: Persona, attempt: int, player_text: str = "") -> SamplingParams:
+        """Sampling for one candidate of a reply to `player_text` (which the eval's variants may use)."""
         s, g = self.settings, persona.generation
         seed = None if s.seed is None else s.seed + attempt
         return SamplingParams(
@@ -164,6 +165,7 @@ class TurnService:
             repetition_penalty=s.repetition_penalty if g.repetition_penalty is None else g.repetition_penalty,
             max_new_tokens=s.max_new_tokens if g.max_new_tokens is None else g.max_new_tokens,
             stop=STOP_STRINGS,
+            banned=tuple(g.banned_phrases),
             seed=seed if seed is not None else random.randrange(2**31),  # noqa: S311 (sampling, not secrets)
             adapter=self.adapter(persona),
         )
@@ -327,7 +329,7 @@ class TurnService:
 
     def _candidate(self, turn: PreparedTurn, attempt: int) -> _Candidate:
         reply, stats = ReplyFilter(turn.persona, turn.player_text), GenerationStats()
-        params = self.sampling(turn.persona, attempt)
+        params = self.sampling(turn.persona, attempt, turn.player_text)
         candidate = _Candidate(reply, stats, self._sentences(turn.messages, params, reply, stats))
         self._live.add(candidate)
         return candidate

@@ -41,6 +41,7 @@ from npc_server.dialogue.guard import (
     SENTENCE_END,
     agrees_unreal,
     character_breaks,
+    forbidden_words,
     repeats,
     words,
 )
@@ -254,18 +255,22 @@ class EvalTurnService(TurnService):
         embed: Embed | None = None,
         sampling: dict[str, Any] | None = None,
         whole: bool = False,
+        ban_guard_phrases: bool = False,
     ) -> None:
         super().__init__(personas, runner, store, settings, embed=embed)
         self.layout = layout
         self.overrides = sampling or {}
+        self.ban_guard_phrases = ban_guard_phrases
         self.choose_on_first_sentence = not whole
         self._fact_vectors: dict[str, np.ndarray] = {}
 
     def candidates_now(self) -> int:
         return self.candidates
 
-    def sampling(self, persona: Persona, attempt: int) -> SamplingParams:
-        params = replace(super().sampling(persona, attempt), **self.overrides)
+    def sampling(self, persona: Persona, attempt: int, player_text: str = "") -> SamplingParams:
+        params = replace(super().sampling(persona, attempt, player_text), **self.overrides)
+        if self.ban_guard_phrases:
+            params = replace(params, banned=params.banned + guard_phrases(persona, player_text))
         seed = TURN_SEED.get()
         return params if seed is None else replace(params, seed=seed + attempt)
 
@@ -528,6 +533,19 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+# The `banned` variant: phrases the guard rejects, ruled out at decoding too (measured worse: not shipped).
+GUARD_PHRASES = ("language model", "as an AI", "AI assistant", "virtual assistant", "assist you", "chatbot")
+MACHINE_ONLY = ("AI", "artificial intelligence", "computer program", "my programming")
+
+
+def guard_phrases(persona: Persona, player_text: str) -> tuple[str, ...]:
+    """What this persona's reply to `player_text` must not contain, for decoding to rule out: model and assistant
+    talk, AI words for a living persona, and its forbidden words the player did not say."""
+    said = player_text.lower()
+    own = [w for w in forbidden_words(persona) if w.lower() not in said]
+    return (*GUARD_PHRASES, *(() if persona.is_machine else MACHINE_ONLY), *own)
+
+
 # --- variants and the whole run --------------------------------------------------------------------------
 
 ORIGINAL_LAYOUT: dict[str, Any] = {"facts": 0, "remind": False}  # the layout before the eval existed
@@ -563,6 +581,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         {"layout": {"facts": 3, "remind": True}},
     ),
     "facts-1": ("Shipped, with only the single most relevant fact in the note.", {"layout": {"facts": 1}}),
+    "banned": (
+        "Shipped, with the phrases the guard rejects also ruled out at decoding (model and assistant talk, AI "
+        "words for living personas, `cannot_know` words the player did not say).",
+        {"ban_guard_phrases": True},
+    ),
     "cool": ("Shipped, sampling at temperature 0.4 for every persona.", {"sampling": {"temperature": 0.4}}),
     "single": (
         "Shipped with NPC_REPLY_CANDIDATES=1: one sampled reply, no re-ranking.",
@@ -610,7 +633,7 @@ def pipelines(
     engine = runner.engine
 
     def sampling(persona: Persona) -> SamplingParams:
-        return replace(shipped.sampling(persona, 0), adapter=None)  # the raw pipelines run the bare model
+        return replace(shipped.sampling(persona, 0), adapter=None, banned=())  # the raw pipelines: the bare model
 
     def shipped_messages(persona: Persona, history: list[Turn], line: str) -> list[Message]:
         budget = engine.context_tokens - sampling(persona).max_new_tokens
@@ -631,6 +654,7 @@ def pipelines(
                 embed=embed,
                 sampling=options.get("sampling"),
                 whole=options.get("whole", False),
+                ban_guard_phrases=options.get("ban_guard_phrases", False),
             )
             made[name] = ServicePipeline(service)
     return made

@@ -29,7 +29,7 @@ from npc_server.errors import NpcError
 from npc_server.llm.adapters import AdapterSet
 from npc_server.llm.engine import GenerationStats, Message, SamplingParams
 from npc_server.llm.llama import Lora, PackedLlama, give_back_freed_memory
-from npc_server.llm.local import Detokenizer, LocalEngine, sample
+from npc_server.llm.local import NOTHING_BANNED, Banned, Detokenizer, LocalEngine, sample
 from npc_server.threads import use_cores
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class _Sequence:
     seen: torch.Tensor | None = None  # prompt + generated ids, for the repetition penalty
     generator: torch.Generator | None = None
     adapter: int = 0  # its LoRA adapter's slot in the engine's AdapterSet; 0: none
+    banned: Banned = NOTHING_BANNED  # token sequences it must not generate
 
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [kv_heads, T, head_dim]
@@ -206,7 +207,7 @@ class BatchedEngine(LocalEngine):
         prompt = self.encode(messages)
         if len(prompt) >= self.context_tokens:
             raise ValueError("prompt does not fit the context window")
-        seq = _Sequence(prompt, params, stats, cancel)
+        seq = _Sequence(prompt, params, stats, cancel, banned=self.banned(params.banned))
         if params.adapter is not None:
             if params.adapter not in self.adapters:
                 raise ValueError(f"no adapter named {params.adapter!r} is loaded")
@@ -409,7 +410,7 @@ class BatchedEngine(LocalEngine):
         if seq.cancel.is_set():
             return
         assert seq.seen is not None
-        token = sample(logits.float(), seq.seen, seq.params, seq.generator)
+        token = sample(logits.float(), seq.seen, seq.params, seq.generator, seq.banned)
         if token in self._stop_ids:
             seq.stats.finish_reason = "stop"
             return

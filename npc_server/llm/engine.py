@@ -26,6 +26,7 @@ class SamplingParams:
     repetition_penalty: float = 1.15
     max_new_tokens: int = 80
     stop: tuple[str, ...] = ()
+    banned: tuple[str, ...] = ()  # phrases decoding never produces (local engines; see local.banned_sequences)
     seed: int | None = None
     adapter: str | None = None  # a LoRA adapter the engine has loaded (batched engine only)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,15 @@ class LocalEngine:
         config_window = int(getattr(self.model.config, "max_position_embeddings", context_tokens))
         self.context_tokens = min(context_tokens, config_window)
         self._stop_ids = self._end_of_turn_ids()
+        self._banned: dict[tuple[str, ...], Banned] = {}
+
+    def banned(self, phrases: tuple[str, ...]) -> Banned:
+        """The token sequences of `phrases`, tokenised once per distinct tuple of phrases."""
+        if phrases not in self._banned:
+            if len(self._banned) >= 1024:  # a bound: phrases vary with the player's words
+                self._banned.clear()
+            self._banned[phrases] = banned_sequences(self.tokenizer, phrases)
+        return self._banned[phrases]
 
     def _end_of_turn_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -96,6 +105,7 @@ class LocalEngine:
 
         input_ids = torch.tensor([prompt])
         seen = torch.tensor(prompt)
+        banned = self.banned(params.banned)
         past = None
         text = Detokenizer(self.tokenizer, params.stop)
         stats.finish_reason = "length"
@@ -106,7 +116,7 @@ class LocalEngine:
             out = self.model(input_ids=input_ids, cache=past, use_cache=True, logits_to_keep=1)
             past = out.cache
             logits = out.logits[0, -1].float()
-            token = sample(logits, seen, params, generator)
+            token = sample(logits, seen, params, generator, banned)
             if step == 0:
                 stats.first_token_ms = (time.perf_counter() - started) * 1000
             if token in self._stop_ids:
@@ -147,10 +157,60 @@ class Detokenizer:
         return delta
 
 
+class Banned:
+    """Token sequences decoding must not produce, arranged so a step checks them in a few dictionary lookups:
+    a sequence's last token is ruled out wherever the tokens before it have just been generated."""
+
+    def __init__(self, sequences: Iterable[tuple[int, ...]] = ()) -> None:
+        self.sequences = sorted(set(sequences))
+        self.always = torch.tensor([s[0] for s in self.sequences if len(s) == 1], dtype=torch.long)
+        self.after: dict[tuple[int, ...], list[int]] = {}
+        for s in self.sequences:
+            if len(s) > 1:
+                self.after.setdefault(s[:-1], []).append(s[-1])
+        self.lengths = sorted({len(key) for key in self.after})
+
+    def __bool__(self) -> bool:
+        return bool(self.sequences)
+
+    def apply(self, logits: torch.Tensor, seen: torch.Tensor) -> None:
+        logits[self.always] = float("-inf")
+        if self.lengths:
+            tail = tuple(seen[-self.lengths[-1] :].tolist())
+            for n in self.lengths:
+                tokens = self.after.get(tail[-n:])
+                if tokens:
+                    logits[tokens] = float("-inf")
+
+
+NOTHING_BANNED = Banned()
+
+
+def banned_sequences(tokenizer: Any, phrases: tuple[str, ...]) -> Banned:
+    """The token sequences that spell each phrase in running text: as written, capitalised and lower-cased,
+    each alone and after a space (a phrase tokenises differently at a word's start). The model can still
+    spell a phrase with other tokens; the guard's checks catch those."""
+    sequences: set[tuple[int, ...]] = set()
+    for phrase in phrases:
+        for variant in {phrase, phrase[:1].upper() + phrase[1:], phrase[:1].lower() + phrase[1:]}:
+            for text in (variant, " " + variant):
+                ids = tuple(tokenizer.encode(text, add_special_tokens=False))
+                if ids:
+                    sequences.add(ids)
+    return Banned(sequences)
+
+
 def sample(
-    logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+    logits: torch.Tensor,
+    seen: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    banned: Banned = NOTHING_BANNED,
 ) -> int:
-    """One token from float logits [V]: repetition penalty, then greedy or temperature/top-k/top-p sampling."""
+    """One token from float logits [V]: banned sequences, repetition penalty, then greedy or
+    temperature/top-k/top-p sampling."""
+    if banned:
+        banned.apply(logits, seen)
     if params.repetition_penalty != 1.0:
         prev = logits[seen]
         logits[seen] = torch.where(prev > 0, prev / params.repetition_penalty, prev * params.repetition_penalty)

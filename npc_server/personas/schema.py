@@ -48,6 +48,8 @@ class Generation(_Strict):
     top_k: int | None = Field(None, ge=0, le=1000)
     repetition_penalty: float | None = Field(None, ge=1.0, le=2.0)
     max_new_tokens: int | None = Field(None, ge=8, le=512)
+    # Phrases the model is never allowed to produce for this NPC (ruled out token by token while decoding)
+    banned_phrases: list[Short] = Field(default_factory=list, max_length=64)
 
 
 class ReplyLimits(_Strict):
