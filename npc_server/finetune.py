@@ -48,8 +48,9 @@ def adapter_dir(personas_dir: Path, persona_id: str) -> Path:
 
 
 def fingerprint(persona: Persona) -> str:
-    """A digest of everything in the persona file: an adapter trained on another version is stale."""
-    return hashlib.sha256(persona.model_dump_json().encode()).hexdigest()
+    """A digest of everything the persona file sets: an adapter trained on another version is stale. Fields left
+    at their defaults are out of it, so a field added to the schema later leaves existing adapters current."""
+    return hashlib.sha256(persona.model_dump_json(exclude_defaults=True).encode()).hexdigest()
 
 
 def sentences(text: str) -> list[str]:

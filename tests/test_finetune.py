@@ -17,6 +17,7 @@ from npc_server.finetune import (
     TITLES,
     adapter_dir,
     finetune,
+    fingerprint,
     sentences,
     training_examples,
 )
@@ -97,6 +98,21 @@ def test_lore_answers_keep_the_facts_in_the_first_person(persona_id: str) -> Non
 
 def test_adapters_live_beside_the_persona_files() -> None:
     assert adapter_dir(SHIPPED_DIR, "brokk") == SHIPPED_DIR / "adapters" / "brokk"
+
+
+@pytest.mark.parametrize("persona_id", sorted(PERSONAS))
+def test_every_shipped_persona_has_a_current_adapter(persona_id: str) -> None:
+    """The server skips an adapter trained on another version of its persona file: a shipped one must match."""
+    trained = json.loads((adapter_dir(SHIPPED_DIR, persona_id) / "training.json").read_text())
+    assert trained["persona_sha256"] == fingerprint(PERSONAS[persona_id])
+
+
+def test_a_field_left_at_its_default_is_not_part_of_the_fingerprint() -> None:
+    brokk = PERSONAS["brokk"]
+    said = brokk.model_copy(update={"generation": brokk.generation.model_copy(update={"banned_phrases": ["okay"]})})
+    assert fingerprint(said) != fingerprint(brokk)
+    unset = Persona.model_validate(brokk.model_dump(exclude_defaults=True))
+    assert fingerprint(unset) == fingerprint(brokk)
 
 
 def test_unknown_persona_is_an_error_naming_the_known_ones(capsys: pytest.CaptureFixture[str]) -> None:
