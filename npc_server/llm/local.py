@@ -48,7 +48,7 @@ class LocalEngine:
     def banned(self, phrases: tuple[str, ...]) -> Banned:
         """The token sequences of `phrases`, tokenised once per distinct tuple of phrases."""
         if phrases not in self._banned:
-            if len(self._banned) >= 1024:  # a bound: phrases vary with the player's words
+            if len(self._banned) >= 1024:  # a bound, should callers vary the phrases turn by turn
                 self._banned.clear()
             self._banned[phrases] = banned_sequences(self.tokenizer, phrases)
         return self._banned[phrases]
