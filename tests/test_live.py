@@ -509,7 +509,7 @@ async def test_base64_media_events_are_decoded(scripted: tuple[Server, SlowEngin
 async def test_real_face_frames_are_rate_limited_and_update_player_affect(real: Server) -> None:
     ws, _ = await start(real.url, player="frames-real")
     jpeg = astronaut_jpeg()
-    for _ in range(8):  # far over 3 per second
+    for _ in range(20):  # far over 3 per second, even on a loaded machine
         await ws.send(b"\x02" + jpeg)
     events = await until(ws, "player.affect", within_s=30)
     errors = [e for e in events if e["type"] == "error"]
