@@ -35,7 +35,7 @@ Lora = tuple[int | torch.Tensor, AdapterSet] | None
 INT4_ROWS = 12
 INT8_ROWS = 4
 INT4_GROUP = 32  # weights in groups of 32 along a row, each with its own scale and offset (as GGUF's Q4_1)
-LORA_FLOAT32_ROWS = 16  # up to this many rows, LoRA's B product runs in float32; beyond, in the model's dtype
+LORA_FLOAT32_ROWS = 16  # up to this many rows, LoRA's products run in float32; beyond, in the model's dtype
 
 
 class Weight:
