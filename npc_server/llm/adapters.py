@@ -40,11 +40,11 @@ class AdapterSet:
 
     def __init__(self, shapes: list[dict[str, tuple[int, ...]]], dtype: torch.dtype = torch.float32) -> None:
         self.shapes = shapes  # per layer, each part's weight shape, keyed like FUSED's module names
-        self.dtype = dtype  # the model's: B is also kept in it, for the products of prompts' many rows
+        self.dtype = dtype  # the model's: A and B are also kept in it, for the products of prompts' many rows
         self.index: dict[str, int] = {}
         self.layers: list[dict[str, LowRank]] = [{} for _ in shapes]
         # Per layer and projection, every slot side by side: the slot each of the slots * r' columns belongs to,
-        # A.T [in, slots * r'] and B.T [slots * r', out], and B.T again in the model's dtype.
+        # A.T [in, slots * r'] and B.T [slots * r', out], then both again in the model's dtype.
         self.side_by_side: list[dict[str, tuple[torch.Tensor, ...]]] = [{} for _ in shapes]
         # Per slot, layer and projection, that slot's A [r', in] and B.T [r', out] in float32 (views), then A and
         # B.T in the model's dtype, made once (indexing the stacks costs ~5 us, 240 times a step).
@@ -70,12 +70,12 @@ class AdapterSet:
                 stacked[projection] = a_all, b_all = _put(stacked.get(projection), slot, a, b)
                 slots, rank, inner = a_all.shape
                 owner = torch.arange(slots).repeat_interleave(rank)
-                b_wide = b_all.reshape(slots * rank, -1)
-                wide[projection] = (owner, a_all.reshape(-1, inner).T.contiguous(), b_wide, b_wide.to(self.dtype))
+                a_wide, b_wide = a_all.reshape(-1, inner).T.contiguous(), b_all.reshape(slots * rank, -1)
+                wide[projection] = (owner, a_wide, b_wide, a_wide.to(self.dtype), b_wide.to(self.dtype))
         self.by_slot = [
             [
                 {
-                    p: (a[s], b[s], a[s].to(self.dtype), wide[p][3][s * a.shape[1] : (s + 1) * a.shape[1]])
+                    p: (a[s], b[s], a[s].to(self.dtype), wide[p][4][s * a.shape[1] : (s + 1) * a.shape[1]])
                     for p, (a, b) in stacked.items()
                 }
                 for stacked, wide in zip(self.layers, self.side_by_side, strict=True)

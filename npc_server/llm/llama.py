@@ -198,23 +198,22 @@ def _lora(y: torch.Tensor, x: torch.Tensor, lora: Lora, layer: int, projection: 
         return y
     slots, adapters = lora
     rows = x.numel() // x.shape[-1]
+    few = rows <= LORA_FLOAT32_ROWS
     if isinstance(slots, int):  # one adapter for every row: A [r', in], B.T [r', out]
         parts = adapters.by_slot[slots][layer].get(projection)
         if parts is None:
             return y
-        a32, b32, a_model, b_model = parts
-        if rows > LORA_FLOAT32_ROWS:
-            y.view(rows, -1).addmm_(F.linear(x.reshape(rows, -1), a_model), b_model)
-            return y
-        t = F.linear(x.float(), a32)
-    else:  # all adapters side by side; each row keeps its own columns
+        a, b = parts[:2] if few else parts[2:]
+        t = F.linear(x.float() if few else x, a)
+    else:  # all adapters side by side (A.T [in, slots * r']); each row keeps its own columns
         wide = adapters.side_by_side[layer].get(projection)
         if wide is None:
             return y
-        t, b32, b_model = (x.float() @ wide[1]).mul_(slots[:, None, None] == wide[0]), wide[2], wide[3]
-    if rows <= LORA_FLOAT32_ROWS:
-        return y.add_(t @ b32)
-    y.view(rows, -1).addmm_(t.view(rows, -1).to(y.dtype), b_model)
+        a, b = wide[1:3] if few else wide[3:]
+        t = ((x.float() if few else x) @ a).mul_(slots[:, None, None] == wide[0])
+    if few:
+        return y.add_(t @ b)
+    y.view(rows, -1).addmm_(t.reshape(rows, -1), b)
     return y
 
 
